@@ -107,7 +107,7 @@ def regularization_loss(model: SplitModel, weights: RegularizerWeights) -> tuple
     """``disjoint*R_d + weight*R_w + balance*R_b`` and the terms as floats (for progress lines)."""
     terms = regularizer_terms(model)
     loss = weights.disjoint * terms["disjoint"] + weights.weight * terms["weight"] + weights.balance * terms["balance"]
-    return loss, {k: float(terms[k]) for k in ("weight", "disjoint", "balance")}
+    return loss, {k: terms[k].item() for k in ("weight", "disjoint", "balance")}
 
 
 def parameter_groups(model, lr: float, weight_decay: float, split_lr_mult: float = 1.0,

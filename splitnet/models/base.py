@@ -63,13 +63,17 @@ class SplitModel(nn.Module):
 
     Subclasses create their modules, then call :meth:`_finish_init`. They provide
     ``stem_modules()`` (the unsplittable input layers, in order), ``stage_names`` (attributes
-    holding ``nn.Sequential`` of split blocks), ``head_norm`` (BatchNorm on the final features,
-    or None) and ``fc``.
+    holding ``nn.Sequential`` of split blocks), ``head_norm_name`` (the attribute of a BatchNorm
+    on the final features, or None) and ``fc``.
     """
 
     arch: str = "?"
     stage_names: tuple[str, ...] = ()
-    head_norm: nn.BatchNorm2d | None = None
+    head_norm_name: str | None = None  # attribute holding the BatchNorm on the final features, if any
+
+    @property
+    def head_norm(self) -> nn.BatchNorm2d | None:
+        return getattr(self, self.head_norm_name) if self.head_norm_name else None
 
     def __init__(self):
         super().__init__()

@@ -13,6 +13,7 @@ from .blocks import WideBasic
 
 class WideResNet(SplitModel):
     stage_names = ("layer1", "layer2", "layer3")
+    head_norm_name = "bn"
 
     def __init__(self, depth: int = 16, widen: int = 8, num_classes: int = 100, split="1",
                  split_dropout: float = 0.0, in_channels: int = 3):
@@ -34,7 +35,6 @@ class WideResNet(SplitModel):
                 in_ch = width
             setattr(self, self.stage_names[i], nn.Sequential(*blocks))
         self.bn = nn.BatchNorm2d(in_ch)
-        self.head_norm = self.bn
         self.fc = nn.Linear(in_ch, num_classes)
         init_weights(self)
         nn.init.zeros_(self.fc.bias)

@@ -1,0 +1,134 @@
+"""The ``splitnet`` command.
+
+    splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100 [--json]
+    splitnet demo [--data ../shared/data/cifar100] [--out runs/demo]
+
+Bad input prints one line naming the problem and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block too)
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _fmt(n: float, unit: str = "M", scale: float = 1e6) -> str:
+    return f"{n / scale:.2f}{unit}"
+
+
+def cmd_plan(args) -> int:
+    from splitnet.accounting import plan
+
+    result = plan(args.arch, args.split, args.num_classes, args.input_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    d, s, r = result["dense"], result["split_tree"], result["reduction"]
+    print(f"{result['arch']}, split {result['split']}, {result['num_classes']} classes, "
+          f"{result['input_size']}x{result['input_size']} input, balanced groups")
+    print(f"{'':12}{'weights':>10}{'params':>10}{'GFLOPs':>10}")
+    print(f"{'dense':12}{_fmt(d['weights']):>10}{_fmt(d['params']):>10}{d['flops'] / 1e9:>10.3f}")
+    print(f"{'split':12}{_fmt(s['weights']):>10}{_fmt(s['params']):>10}{s['flops'] / 1e9:>10.3f}")
+    print(f"{'reduction':12}{r['weights']:>10.1%}{r['params']:>10.1%}{r['flops']:>10.1%}")
+    print(f"trunk: {_fmt(s['trunk']['weights'])} weights, {s['trunk']['flops'] / 1e9:.3f} GFLOPs")
+    for g, sub in enumerate(s["subtrees"]):
+        print(f"subtree-{g}: {_fmt(sub['weights'])} weights, {sub['flops'] / 1e9:.3f} GFLOPs, "
+              f"{sub['state_bytes'] / 2**20:.1f} MiB")
+    print(f"ideal speedup (dense FLOPs / split FLOPs): {result['ideal_speedup']:.2f}x")
+    print(f"counting rule: {result['counting_rule']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import os
+    from pathlib import Path
+
+    from pipelines.demo import DemoConfig, run_demo
+
+    if not (Path(args.data) / "train.npz").is_file():
+        raise UsageError(f"--data {args.data}: no train.npz there (expected the CIFAR-100 copy, e.g. ../shared/data/cifar100)")
+    cfg = DemoConfig(data=args.data, out=args.out, arch=args.arch, split=args.split, train_per_class=args.train_per_class,
+                     test_per_class=args.test_per_class, group_epochs=args.group_epochs,
+                     finetune_epochs=args.finetune_epochs, seed=args.seed)
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    run_demo(cfg, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="splitnet", description="SplitNet: learn to split a classifier into a tree; train, cut, serve.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="dense vs split parameters and FLOPs, without training (balanced groups)")
+    p.add_argument("--arch", required=True, help="wrn-16-8, resnet50, ... (see splitnet.list_models())")
+    p.add_argument("--split", required=True, help="groups per level, bottom to top: 2-2-2, 1-2-4, 4-4, ...")
+    p.add_argument("--num-classes", type=_positive_int, required=True)
+    p.add_argument("--input-size", type=_positive_int, default=None, help="image side (default 32 for WRN, 224 for ResNet)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("demo", help="in-process group -> cut -> finetune -> evaluate on CIFAR-100 (CPU, minutes)")
+    p.add_argument("--data", default="../shared/data/cifar100", help="folder with CIFAR-100 train.npz / test.npz")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--arch", default="wrn-16-2")
+    p.add_argument("--split", default="2-2-2")
+    p.add_argument("--train-per-class", type=_positive_int, default=100)
+    p.add_argument("--test-per-class", type=_positive_int, default=20)
+    p.add_argument("--group-epochs", type=_positive_int, default=3)
+    p.add_argument("--finetune-epochs", type=_positive_int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from splitnet.artifacts import ArtifactError
+    from splitnet.assignment import SplitConfigError
+
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command in ("plan", "demo"):
+            _validate_model_args(args)
+        return args.func(args)
+    except (UsageError, SplitConfigError, ArtifactError, FileNotFoundError) as e:
+        print(f"splitnet: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _validate_model_args(args) -> None:
+    """Check --arch/--split before any work, so a typo costs nothing."""
+    import torch
+
+    from splitnet import build_model
+    from splitnet.assignment import SplitConfigError
+
+    try:
+        with torch.device("meta"):
+            build_model(args.arch, getattr(args, "num_classes", 100), args.split)
+    except SplitConfigError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

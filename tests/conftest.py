@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = Path(os.environ.get("SPLITNET_CIFAR100", ROOT.parent / "shared" / "data" / "cifar100"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize(model, seed: int = 0):
+    """Random assignments and BatchNorm statistics, so equivalence tests are not trivially true."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in model.assignments.names():
+            logit = model.assignments.logit(name)
+            logit.copy_(torch.randn(logit.shape, generator=g) * 3)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model

@@ -1,0 +1,73 @@
+import pytest
+import torch
+import torchvision
+
+from splitnet import build_model, list_models
+from splitnet.models import CLASSES
+from splitnet.regularizers import regularization_loss, RegularizerWeights
+
+ARCHS = ["wrn-10-2", "wrn-16-8", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+def test_every_registered_arch_is_covered():
+    registered = {name for name in list_models() if not name.startswith("wrn-<")}
+    assert registered <= set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_shapes_no_nan_and_gradients(arch):
+    split = "2-2-2" if arch.startswith("wrn") else "2-4-4"
+    model = build_model(arch, 10, split)
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    reg, _ = regularization_loss(model, RegularizerWeights())
+    (torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])) + reg).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+
+
+def test_unknown_arch_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown arch 'vgg'.*resnet50"):
+        build_model("vgg", 10)
+    with pytest.raises(ValueError, match="6n\\+4"):
+        build_model("wrn-15-2", 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_torchvision_state_dict_loads_and_matches(arch):
+    ref = getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()
+    model = build_model(arch, 10, "4-4").eval()
+    skipped = model.load_backbone_state_dict(ref.state_dict())
+    assert skipped == []
+    assert set(ref.state_dict()) == set(model.backbone_state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ref(x), model(x), atol=1e-5)
+
+
+def test_torchvision_1k_checkpoint_into_22k_model_skips_only_fc():
+    ref = torchvision.models.resnet18(weights=None)  # 1000 classes
+    model = build_model("resnet18", 37, "4-4")
+    skipped = model.load_backbone_state_dict(ref.state_dict())
+    assert skipped == ["fc.weight", "fc.bias"]
+    assert torch.equal(model.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    with pytest.raises(ValueError, match="missing key"):
+        model.load_backbone_state_dict({k: v for k, v in ref.state_dict().items() if k != "conv1.weight"})
+
+
+def test_split_graph_ties_identity_shortcuts_and_splits_projections():
+    model = build_model("wrn-16-8", 100, "2-4-4")
+    graph = model.split_graph()
+    layers = {layer.name: layer for layer in graph.layers}
+    # identity block: input and output are the same channel set
+    assert layers["layer3.1.conv1"].in_set == layers["layer3.1.conv2"].out_set
+    # projection shortcut: split from block input to block output
+    assert layers["layer3.0.shortcut"].in_set == layers["layer3.0.conv1"].in_set == "layer2.0.out"
+    assert layers["layer3.0.shortcut"].out_set == "layer3.0.out"
+    # chain rule: the classifier reads the last stage's output
+    assert layers["fc"].in_set == "layer3.0.out" and layers["fc"].out_set == CLASSES
+    # the boundary between a 2-group and a 4-group level is learned at 4 groups
+    assert graph.sets["layer2.0.out"].groups == 4 and layers["layer2.0.conv2"].groups == 2
+    assert model.assignments.groups("layer1.0.out") == 2
+    assert "stem" not in model.assignments

@@ -52,7 +52,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="wrn-16-8")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=7, help="timed forwards per model per round")
+    ap.add_argument("--repeats", type=int, default=3, help="timed forwards per model per round")
     ap.add_argument("--rounds", type=int, default=3, help="dense/tree alternations")
     ap.add_argument("--out", default="benchmarks/results/split_forward.json")
     args = ap.parse_args()

@@ -21,8 +21,14 @@ def _maybe_drop(drop: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     return drop(x) if drop is not None else x
 
 
+def _needs_projection(in_ch: int, out_ch: int, stride: int, projection: bool | None) -> bool:
+    return (in_ch != out_ch or stride != 1) if projection is None else projection
+
+
 class SplitBlock(nn.Module):
-    """Base class. Subclasses define ``roles``, ``split_layers``, ``norms`` and ``_ctor_kwargs``."""
+    """Base class. Subclasses define ``roles``, ``tied``, ``split_layers`` and ``norms``, take
+    ``<role>_ch, stride, projection, dropout`` in their constructor and keep ``stride`` and
+    ``dropout_p`` as attributes."""
 
     roles: tuple[str, ...] = ()
 
@@ -47,7 +53,9 @@ class SplitBlock(nn.Module):
         raise NotImplementedError
 
     def _ctor_kwargs(self, counts: dict[str, int]) -> dict:
-        raise NotImplementedError
+        """Constructor arguments of the same block with ``counts[role]`` channels per role."""
+        return dict(**{f"{role}_ch": counts[role] for role in self.roles}, stride=self.stride,
+                    projection=not self.tied, dropout=self.dropout_p)
 
     @torch.no_grad()
     def sliced(self, idx: dict[str, torch.Tensor]) -> "SplitBlock":
@@ -97,8 +105,7 @@ class WideBasic(SplitBlock):
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int = 1,
                  projection: bool | None = None, dropout: float = 0.0):
         super().__init__()
-        if projection is None:
-            projection = in_ch != out_ch or stride != 1
+        projection = _needs_projection(in_ch, out_ch, stride, projection)
         self.stride, self.dropout_p = stride, dropout
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, stride, 1, bias=False)
@@ -120,9 +127,6 @@ class WideBasic(SplitBlock):
     def norms(self):
         return [("bn1", self.bn1, "in"), ("bn2", self.bn2, "mid")]
 
-    def _ctor_kwargs(self, counts):
-        return dict(in_ch=counts["in"], mid_ch=counts["mid"], out_ch=counts["out"], stride=self.stride,
-                    projection=self.shortcut is not None, dropout=self.dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = F.relu(self.bn1(x))
@@ -133,7 +137,28 @@ class WideBasic(SplitBlock):
         return y + shortcut
 
 
-class BasicBlock(SplitBlock):
+class _TorchvisionBlock(SplitBlock):
+    """What torchvision's residual blocks share: the ``downsample`` projection (conv + BN)."""
+
+    def _init_shortcut(self, in_ch: int, out_ch: int, stride: int, projection: bool | None, dropout: float) -> None:
+        self.stride, self.dropout_p = stride, dropout
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+                           if _needs_projection(in_ch, out_ch, stride, projection) else None)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
+
+    @property
+    def tied(self) -> bool:
+        return self.downsample is None
+
+    def _shortcut_layers(self):
+        return [] if self.downsample is None else [("downsample.0", self.downsample[0], "in", "out")]
+
+    def _shortcut_norms(self):
+        return [] if self.downsample is None else [("downsample.1", self.downsample[1], "out")]
+
+
+class BasicBlock(_TorchvisionBlock):
     """torchvision's ResNet BasicBlock (post-activation), same module names."""
 
     roles = ("in", "mid", "out")
@@ -141,37 +166,18 @@ class BasicBlock(SplitBlock):
     def __init__(self, in_ch: int, mid_ch: int, out_ch: int, stride: int = 1,
                  projection: bool | None = None, dropout: float = 0.0):
         super().__init__()
-        if projection is None:
-            projection = in_ch != out_ch or stride != 1
-        self.stride, self.dropout_p = stride, dropout
         self.conv1 = nn.Conv2d(in_ch, mid_ch, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid_ch)
-        self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(mid_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.downsample = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
-                           if projection else None)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else None
-
-    @property
-    def tied(self) -> bool:
-        return self.downsample is None
+        self._init_shortcut(in_ch, out_ch, stride, projection, dropout)
 
     def split_layers(self):
-        layers = [("conv1", self.conv1, "in", "mid"), ("conv2", self.conv2, "mid", "out")]
-        if self.downsample is not None:
-            layers.append(("downsample.0", self.downsample[0], "in", "out"))
-        return layers
+        return [("conv1", self.conv1, "in", "mid"), ("conv2", self.conv2, "mid", "out")] + self._shortcut_layers()
 
     def norms(self):
-        norms = [("bn1", self.bn1, "mid"), ("bn2", self.bn2, "out")]
-        if self.downsample is not None:
-            norms.append(("downsample.1", self.downsample[1], "out"))
-        return norms
+        return [("bn1", self.bn1, "mid"), ("bn2", self.bn2, "out")] + self._shortcut_norms()
 
-    def _ctor_kwargs(self, counts):
-        return dict(in_ch=counts["in"], mid_ch=counts["mid"], out_ch=counts["out"], stride=self.stride,
-                    projection=self.downsample is not None, dropout=self.dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_in = _maybe_drop(self.drop, x)
@@ -181,7 +187,7 @@ class BasicBlock(SplitBlock):
         return self.relu(out + identity)
 
 
-class Bottleneck(SplitBlock):
+class Bottleneck(_TorchvisionBlock):
     """torchvision's ResNet v1.5 Bottleneck (stride on the 3x3 conv), same module names."""
 
     roles = ("in", "mid1", "mid2", "out")
@@ -189,40 +195,21 @@ class Bottleneck(SplitBlock):
     def __init__(self, in_ch: int, mid1_ch: int, mid2_ch: int, out_ch: int, stride: int = 1,
                  projection: bool | None = None, dropout: float = 0.0):
         super().__init__()
-        if projection is None:
-            projection = in_ch != out_ch or stride != 1
-        self.stride, self.dropout_p = stride, dropout
         self.conv1 = nn.Conv2d(in_ch, mid1_ch, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid1_ch)
         self.conv2 = nn.Conv2d(mid1_ch, mid2_ch, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid2_ch)
         self.conv3 = nn.Conv2d(mid2_ch, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = (nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
-                           if projection else None)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else None
-
-    @property
-    def tied(self) -> bool:
-        return self.downsample is None
+        self._init_shortcut(in_ch, out_ch, stride, projection, dropout)
 
     def split_layers(self):
-        layers = [("conv1", self.conv1, "in", "mid1"), ("conv2", self.conv2, "mid1", "mid2"),
-                  ("conv3", self.conv3, "mid2", "out")]
-        if self.downsample is not None:
-            layers.append(("downsample.0", self.downsample[0], "in", "out"))
-        return layers
+        return [("conv1", self.conv1, "in", "mid1"), ("conv2", self.conv2, "mid1", "mid2"),
+                ("conv3", self.conv3, "mid2", "out")] + self._shortcut_layers()
 
     def norms(self):
-        norms = [("bn1", self.bn1, "mid1"), ("bn2", self.bn2, "mid2"), ("bn3", self.bn3, "out")]
-        if self.downsample is not None:
-            norms.append(("downsample.1", self.downsample[1], "out"))
-        return norms
+        return [("bn1", self.bn1, "mid1"), ("bn2", self.bn2, "mid2"), ("bn3", self.bn3, "out")] + self._shortcut_norms()
 
-    def _ctor_kwargs(self, counts):
-        return dict(in_ch=counts["in"], mid1_ch=counts["mid1"], mid2_ch=counts["mid2"], out_ch=counts["out"],
-                    stride=self.stride, projection=self.downsample is not None, dropout=self.dropout_p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_in = _maybe_drop(self.drop, x)

@@ -67,7 +67,8 @@ def plot_tree(manifest: dict, path: str | os.PathLike) -> str:
     """The tree of a manifest: trunk, subtrees, leaf groups with class counts and parameters."""
     plt = _plt()
     subtrees, groups = manifest["subtrees"], manifest["groups"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    branching = any(len(sub["groups"]) > 1 for sub in subtrees)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4 if branching else 2.6))
     ax.axis("off")
     box = dict(boxstyle="round", fc="#e8f0fe", ec="#1a73e8")
     trunk = manifest["trunk"]
@@ -86,7 +87,7 @@ def plot_tree(manifest: dict, path: str | os.PathLike) -> str:
     ax.set_title(f"{manifest['arch']} split {manifest['split']}: "
                  f"{manifest['counts']['split']['weights'] / 1e6:.2f}M weights")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0 if branching else 0.4, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

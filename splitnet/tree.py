@@ -117,6 +117,11 @@ def hard_assignment(model: SplitModel, min_classes_per_group: int = 1, min_chann
     for move in moves:
         log.info("cut: moved %s[%d] from group %d to group %d (confidence %.3f) to keep groups non-empty",
                  move["set"], move["index"], move["from"], move["to"], move["confidence"])
+    for name, lab in labels.items():
+        counts = torch.bincount(lab, minlength=groups[name])
+        if int(counts.max()) > 2 * lab.numel() / groups[name]:
+            log.warning("cut: %s is badly unbalanced, group sizes %s; raise the balance coefficient or train the "
+                        "grouping longer", name, counts.tolist())
     if moves:
         log.warning("cut: %d members moved to satisfy the minimum group sizes (classes >= %d, channels >= %d)",
                     len(moves), min_classes_per_group, min_channels_per_group)

@@ -84,6 +84,7 @@ def test_no_empty_group_moves_least_confident_and_logs(caplog):
     class_moves = [m for m in tree.moves if m["set"] == CLASSES]
     assert len(class_moves) == 3
     assert any("moved classes[7]" in r.message for r in caplog.records)
+    assert any("classes is badly unbalanced" in r.message for r in caplog.records)
 
 
 def test_minimum_group_size_is_configurable_and_validated():

@@ -2,6 +2,7 @@
 
     splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100 [--json]
     splitnet demo [--data ../shared/data/cifar100] [--out runs/demo]
+    splitnet prepare SOURCE --out DIR [--format parquet|webdataset] [--shard-size N]
 
 Bad input prints one line naming the problem and exits with status 2.
 """
@@ -74,6 +75,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from pipelines.data.prepare import PrepareError, prepare
+
+    try:
+        prepare(args.source, args.out, fmt=args.format, shard_size=args.shard_size, seed=args.seed,
+                validate=args.validate, on_bad_record=args.on_bad_record, max_pixels=args.max_pixels, log=lambda line: print(line, flush=True))
+    except PrepareError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="splitnet", description="SplitNet: learn to split a classifier into a tree; train, cut, serve.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -97,10 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=_positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare", help="convert CIFAR-100, an ImageFolder tree or per-synset tars into shuffled shards (Ray Data)")
+    p.add_argument("source", help="CIFAR-100 folder (train.npz), ImageFolder root, or folder of nXXXXXXXX.tar")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes: finished shards are skipped)")
+    p.add_argument("--format", default="parquet", choices=["parquet", "webdataset"])
+    p.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (sizes differ by at most 1)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--validate", default="header", choices=["none", "header", "full"],
+                   help="check each image: header (cheap: empty, not an image, too many pixels) or full decode")
+    p.add_argument("--on-bad-record", default="skip", choices=["skip", "fail"])
+    p.add_argument("--max-pixels", type=_positive_int, default=64_000_000, help="larger images are bad records")
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.data.records import BadRecordError
     from splitnet.artifacts import ArtifactError
     from splitnet.assignment import SplitConfigError
 
@@ -109,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("plan", "demo"):
             _validate_model_args(args)
         return args.func(args)
-    except (UsageError, SplitConfigError, ArtifactError, FileNotFoundError) as e:
+    except (UsageError, SplitConfigError, ArtifactError, FileNotFoundError, BadRecordError) as e:
         print(f"splitnet: error: {e}", file=sys.stderr)
         return 2
 

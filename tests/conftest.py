@@ -28,3 +28,18 @@ def randomize(model, seed: int = 0):
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (starting Ray costs 5-8 s)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Data: source layouts and shard formats (plain Python), ``prepare`` and streaming (Ray Data)."""

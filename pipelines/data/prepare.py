@@ -1,0 +1,169 @@
+"""``splitnet prepare``: convert a source layout into shuffled, evenly sized shards with Ray Data.
+
+The driver lists the source (no pixels read), shuffles the items with a seed and cuts them into
+shards whose sizes differ by at most one image. The plan is written to ``_plan.json``; each shard
+is then one row of a Ray Data job whose ``map`` reads its images, checks their headers, and writes
+the shard under a temporary name before renaming it. Re-running skips shards that exist (the
+plan must match, so a resumed run can never mix two different shufflings).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .records import DEFAULT_MAX_PIXELS, BadRecord, BadRecordError, _Bad, open_image
+from .sources import Item, list_source, read_item, write_class_table, write_parquet_shard, write_webdataset_shard
+
+FORMATS = ("parquet", "webdataset")
+
+
+class PrepareError(ValueError):
+    """Bad input to prepare (printed as one line by the CLI)."""
+
+
+def _check_header(data: bytes, max_pixels: int) -> None:
+    """Cheap validation: the header must parse and be within the pixel limit (no full decode)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise _Bad("empty", "zero bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise _Bad("too_large", f"{im.width}x{im.height} > {max_pixels} pixels")
+    except UnidentifiedImageError:
+        raise _Bad("not_image", f"{len(data)} bytes Pillow cannot identify") from None
+    except Image.DecompressionBombError as e:
+        raise _Bad("too_large", str(e)) from None
+
+
+def write_shard(row: dict, fmt: str, validate: str, on_bad_record: str, max_pixels: int) -> dict:
+    """Write one planned shard (a Ray Data ``map`` function). Returns its stats and bad records."""
+    items = [Item.from_row(r) for r in json.loads(row["items"])]
+    path = row["path"]
+    keys, images, labels, bad = [], [], [], []
+    cache: dict = {}
+    for item in items:
+        data = read_item(item, cache)
+        try:
+            if validate == "full":
+                open_image(data, max_pixels)
+            elif validate == "header":
+                _check_header(data, max_pixels)
+        except _Bad as e:
+            if on_bad_record == "fail":
+                raise BadRecordError(f"bad record in source {item.ref}: key {item.key}: {e.kind} ({e.detail})") from None
+            bad.append(BadRecord(e.kind, item.key, os.path.basename(path), e.detail).as_dict())
+            continue
+        keys.append(item.key)
+        images.append(data)
+        labels.append(item.label)
+    tmp = path + ".tmp"
+    nbytes = (write_parquet_shard if fmt == "parquet" else write_webdataset_shard)(tmp, keys, images, labels)
+    os.replace(tmp, path)
+    stats = {"shard": os.path.basename(path), "planned": len(items), "images": len(keys), "bytes": nbytes, "bad": bad}
+    Path(path + ".done.json").write_text(json.dumps(stats))
+    return {"shard": stats["shard"], "images": len(keys), "bytes": nbytes, "bad_count": len(bad)}
+
+
+def unwrap_bad_record(error: BaseException) -> BaseException:
+    """The BadRecordError inside a Ray task/Data exception chain (or ``error`` itself)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, BadRecordError):
+            return BadRecordError(str(seen).splitlines()[-1].split("BadRecordError: ")[-1])
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    if "BadRecordError: " in text:
+        return BadRecordError(text.split("BadRecordError: ")[-1].splitlines()[0])
+    return error
+
+
+def make_plan(items: list[Item], shard_size: int, seed: int) -> list[list[Item]]:
+    """Shuffle (seeded) and cut into ceil(n / shard_size) shards whose sizes differ by at most 1."""
+    if not items:
+        return []
+    order = np.random.default_rng(seed).permutation(len(items))
+    count = -(-len(items) // shard_size)
+    return [[items[i] for i in chunk] for chunk in np.array_split(order, count)]
+
+
+def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000, seed: int = 0,
+            validate: str = "header", on_bad_record: str = "skip", max_pixels: int = DEFAULT_MAX_PIXELS,
+            concurrency: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Convert ``source`` into shards under ``out``; returns the summary (also ``out/prepare.json``)."""
+    import ray
+
+    if fmt not in FORMATS:
+        raise PrepareError(f"invalid --format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if shard_size < 1:
+        raise PrepareError(f"invalid --shard-size {shard_size}: must be >= 1")
+    if validate not in ("none", "header", "full"):
+        raise PrepareError(f"invalid --validate {validate!r}: use none, header or full")
+    if on_bad_record not in ("skip", "fail"):
+        raise PrepareError(f"invalid --on-bad-record {on_bad_record!r}: use skip or fail")
+    t0 = time.perf_counter()
+    try:
+        src = list_source(source)
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, plan_digest = [], hashlib.sha256()
+    ext = "parquet" if fmt == "parquet" else "tar"
+    for split, items in src.items.items():
+        for i, shard in enumerate(make_plan(items, shard_size, seed)):
+            path = str(out_dir / f"{split}-{i:05d}.{ext}")
+            plan_digest.update(f"{path}:{','.join(it.key for it in shard)}\n".encode())
+            # JSON text: a plain string column for Arrow (a list of mixed-type rows would be pickled)
+            rows.append({"path": path, "items": json.dumps([it.to_row() for it in shard]), "planned": len(shard)})
+    plan = {"source": str(Path(source).resolve()), "layout": src.kind, "format": fmt, "shard_size": shard_size,
+            "seed": seed, "shards": len(rows), "images": {s: len(v) for s, v in src.items.items()},
+            "digest": plan_digest.hexdigest()}
+    plan_path = out_dir / "_plan.json"
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old.get("digest") != plan["digest"]:
+            raise PrepareError(f"{out_dir} holds shards of a different plan (source, format, shard size or seed "
+                               "changed); use a new --out")
+    plan_path.write_text(json.dumps(plan, indent=1))
+    write_class_table(out_dir, src.classes, src.parents)
+    todo = [r for r in rows if not Path(r["path"] + ".done.json").exists()]
+    log(f"prepare: {src.kind} at {source}: {sum(plan['images'].values())} images, {len(src.classes)} classes -> "
+        f"{len(rows)} {fmt} shards ({len(rows) - len(todo)} already done)")
+    if todo:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False, include_dashboard=False)
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        try:
+            ds.map(write_shard, fn_kwargs={"fmt": fmt, "validate": validate, "on_bad_record": on_bad_record,
+                                           "max_pixels": max_pixels},
+                   concurrency=concurrency).materialize()
+        except Exception as e:  # Ray wraps the task's exception; surface a bad record as itself
+            raise unwrap_bad_record(e) from None
+    # the summary covers every shard, also those finished by an earlier (interrupted) run
+    done = [json.loads(Path(r["path"] + ".done.json").read_text()) for r in rows]
+    bad = [b for d in done for b in d["bad"]]
+    with open(out_dir / "bad_records.jsonl", "w") as f:
+        for b in bad:
+            f.write(json.dumps(b) + "\n")
+    elapsed = time.perf_counter() - t0
+    kinds: dict[str, int] = {}
+    for b in bad:
+        kinds[b["kind"]] = kinds.get(b["kind"], 0) + 1
+    summary = {"images": sum(d["images"] for d in done), "shards": len(done), "bytes": sum(d["bytes"] for d in done),
+               "bad_records": len(bad), "bad_by_kind": kinds, "written_now": len(todo), "seconds": elapsed,
+               "images_per_s": sum(d["images"] for d in done) / max(elapsed, 1e-9), "format": fmt, "layout": src.kind,
+               "classes": len(src.classes)}
+    (out_dir / "prepare.json").write_text(json.dumps(summary, indent=1))
+    log(f"prepare: {summary['images']} images in {summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB, "
+        f"{summary['bad_records']} bad records {kinds or ''} (bad_records.jsonl), {summary['images_per_s']:.0f} images/s")
+    return summary

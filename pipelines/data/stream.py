@@ -1,0 +1,221 @@
+"""Streaming shards into training with Ray Data.
+
+``read_dataset(uri, ...)`` lists the shards of a split under a local path or an ``s3://``-style URI
+(pyarrow filesystems), reads them with ``read_parquet`` / ``read_webdataset`` (file order shuffled
+per epoch for training), keeps a deterministic train or validation subset (by a hash of each
+record's key, so the split never changes between runs or readers), and decodes + augments in
+``map_batches`` with bounded concurrency. Images travel as uint8 HWC (4x smaller than floats);
+:func:`torch_batches` normalizes on the consumer, e.g. a Ray Train worker reading
+``ray.train.get_dataset_shard("train")``.
+
+Bad records are skipped and reported to a named actor (:class:`BadRecordLog`) that counts them
+per shard and writes ``bad_records.jsonl``; with ``on_bad_record="fail"`` the job stops with the
+shard and key named.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict
+from typing import Iterator
+
+import numpy as np
+
+from .records import BadRecordError, DecodeConfig, decode_batch, to_float_tensor
+
+BAD_LOG_NAME = "splitnet-bad-records"
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
+
+
+def resolve(uri: str):
+    """(pyarrow filesystem, path) for a local path or a URI such as ``s3://bucket/prefix``."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    import os
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def list_shards(uri: str, split: str = "train") -> tuple[object, list[str], str]:
+    """(filesystem, sorted shard paths, format) of ``split`` under ``uri``."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such folder of shards") from None
+    names = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    parquet = [p for p in names if p.rsplit("/", 1)[-1].startswith(f"{split}-") and p.endswith(".parquet")]
+    tars = [p for p in names if p.rsplit("/", 1)[-1].startswith(f"{split}-") and p.endswith(".tar")]
+    if parquet:
+        return fs, parquet, "parquet"
+    if tars:
+        return fs, tars, "webdataset"
+    raise FileNotFoundError(f"{uri}: no {split}-*.parquet or {split}-*.tar shards")
+
+
+def in_validation(key: str, fraction: float) -> bool:
+    """Deterministic validation membership from the key alone (CRC32, stable across processes)."""
+    return (zlib.crc32(key.encode()) % 100_000) < fraction * 100_000
+
+
+class BadRecordLog:
+    """Actor collecting bad records from every decode task: counts per shard and kind, JSONL rows."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def add(self, records: list[dict]) -> int:
+        self.records.extend(records)
+        return len(self.records)
+
+    def summary(self) -> dict:
+        by_kind: dict[str, int] = {}
+        by_shard: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+            shard = by_shard.setdefault(r["shard"], {})
+            shard[r["kind"]] = shard.get(r["kind"], 0) + 1
+        skipped = sum(v for k, v in by_kind.items() if k != "converted")
+        return {"total": len(self.records), "skipped": skipped, "converted": by_kind.get("converted", 0),
+                "by_kind": by_kind, "by_shard": by_shard}
+
+    def records_list(self) -> list[dict]:
+        return list(self.records)
+
+    def write(self, path: str) -> int:
+        with open(path, "w") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+        return len(self.records)
+
+
+_LOG_HANDLES: dict[str, object] = {}
+
+
+def bad_record_log(name: str = BAD_LOG_NAME):
+    """Get or create the named :class:`BadRecordLog` actor (kept alive while this driver runs)."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0)(BadRecordLog)
+    handle = actor_cls.options(name=name, get_if_exists=True).remote()
+    # a named, non-detached actor lives as long as its creating handle: keep the first one
+    _LOG_HANDLES.setdefault(name, handle)
+    return handle
+
+
+class DecodeBatch:
+    """``map_batches`` callable: records -> {"image": uint8 [N,S,S,3], "label": int64 [N]}."""
+
+    def __init__(self, cfg: dict, seed: int = 0, subset: str = "train", val_fraction: float = 0.0,
+                 log_name: str | None = BAD_LOG_NAME):
+        self.cfg = DecodeConfig(**cfg)
+        self.rng = np.random.default_rng([seed, zlib.crc32(str(id(self)).encode())])
+        self.subset, self.val_fraction = subset, val_fraction
+        self.log_name = log_name
+        self._log = None
+
+    def _report(self, bad: list[dict]) -> None:
+        if not bad or self.log_name is None:
+            return
+        import ray
+
+        if self._log is None:
+            self._log = ray.get_actor(self.log_name)
+        ray.get(self._log.add.remote(bad))  # rare; waiting keeps the counts exact when the stream ends
+
+    def __call__(self, batch: dict) -> dict:
+        keys, images, labels, shards = _columns(batch)
+        if self.val_fraction > 0:
+            keep = np.array([in_validation(str(k), self.val_fraction) == (self.subset == "val") for k in keys], bool)
+            keys, images, labels, shards = keys[keep], images[keep], labels[keep], shards[keep]
+        try:
+            pixels, out_labels, bad = decode_batch(keys, images, labels, shards, self.cfg, self.rng)
+        except BadRecordError:
+            raise
+        self._report([b.as_dict() for b in bad])
+        return {"image": pixels, "label": out_labels}
+
+
+def _columns(batch: dict):
+    """(keys, image bytes, labels, shard names) from a Parquet or a WebDataset batch."""
+    n = len(next(iter(batch.values())))
+    if "image" in batch:  # Parquet: our layout, or Hugging Face's struct {bytes, path}
+        images = batch["image"]
+        if len(images) and isinstance(images[0], dict):
+            images = np.array([im.get("bytes") if im else None for im in images], dtype=object)
+        keys = batch.get("key", np.array([f"row{i}" for i in range(n)], dtype=object))
+        labels = batch.get("label", np.array([None] * n, dtype=object))
+        shards = batch.get("path", np.array(["?"] * n, dtype=object))
+    else:  # WebDataset: one column per extension
+        images = np.array([None] * n, dtype=object)
+        for col in IMAGE_COLUMNS:
+            if col in batch:
+                column = batch[col]
+                for i in range(n):
+                    if images[i] is None and _as_bytes(column[i]) is not None:
+                        images[i] = column[i]
+        keys = batch.get("__key__", np.array([f"row{i}" for i in range(n)], dtype=object))
+        raw = batch.get("cls", np.array([None] * n, dtype=object))
+        labels = np.array([_parse_cls(v) for v in raw], dtype=object)
+        shards = batch.get("__url__", np.array(["?"] * n, dtype=object))
+    shards = np.array([str(s).rsplit("/", 1)[-1] for s in shards], dtype=object)
+    images = np.array([_as_bytes(b) or b"" for b in images], dtype=object)
+    return np.asarray(keys, dtype=object), images, np.asarray(labels, dtype=object), shards
+
+
+def _as_bytes(value) -> bytes | None:
+    """bytes for a present binary cell; None for a missing one (Arrow gives None or NaN)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:
+        return value.tobytes()
+    return None
+
+
+def _parse_cls(value):
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode(errors="replace")
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        return None
+
+
+def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_fraction: float = 0.0,
+                 decode: DecodeConfig | None = None, seed: int = 0, shuffle_files: bool = True,
+                 batch_size: int = 256, concurrency: int | tuple[int, int] = 1, num_cpus: float = 1.0,
+                 log_name: str | None = BAD_LOG_NAME):
+    """A Ray Dataset of decoded, augmented images from the shards of ``split`` under ``uri``.
+
+    subset / val_fraction: "train" or "val" share of the split (deterministic by key hash).
+    concurrency: decode actors (an int, or (min, max) to autoscale); num_cpus: CPUs per actor.
+    """
+    import ray
+
+    decode = decode or DecodeConfig()
+    fs, paths, fmt = list_shards(uri, split)
+    if log_name is not None:
+        bad_record_log(log_name)
+    shuffle = "files" if shuffle_files else None
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle)
+    else:
+        ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, include_paths=False, shuffle=shuffle)
+    low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+    return ds.map_batches(DecodeBatch, fn_constructor_kwargs={"cfg": asdict(decode), "seed": seed, "subset": subset,
+                                                                "val_fraction": val_fraction, "log_name": log_name},
+                          batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
+                          compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high))
+
+
+def torch_batches(source, batch_size: int, mean, std, device: str = "cpu", drop_last: bool = False
+                  ) -> Iterator[tuple[object, object]]:
+    """(normalized float images [B,3,S,S], labels [B]) from a Dataset or a Ray Train dataset shard."""
+    for batch in source.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+                                           dtypes={"image": None, "label": None}):
+        yield to_float_tensor(batch["image"], mean, std).to(device), batch["label"].to(device)

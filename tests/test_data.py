@@ -1,0 +1,160 @@
+"""Ray Data: prepare every source layout into shards, stream them back, count every bad record."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import CIFAR, ROOT
+from datagen import (CONVERTED, MAX_PIXELS, SKIPPED, WNIDS, make_cifar_slice, make_imagefolder, make_synset_tars,
+                     make_user_parquet, make_user_webdataset)
+from pipelines.data.prepare import PrepareError, prepare
+from pipelines.data.records import BadRecordError, DecodeConfig
+from pipelines.data.stream import bad_record_log, in_validation, list_shards, read_dataset
+
+
+def stream(uri, log_name, **kw):
+    ds = read_dataset(uri, log_name=log_name, **kw)
+    images, labels = [], []
+    for batch in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        images.append(batch["image"])
+        labels.append(batch["label"])
+    import ray
+    summary = ray.get(bad_record_log(log_name).summary.remote())
+    return np.concatenate(images), np.concatenate(labels), summary
+
+
+def test_wordnet_names_and_parents():
+    from splitnet.wordnet import describe
+    rows = describe(WNIDS)
+    assert [r["lemma"] for r in rows] == ["tench", "dog", "domestic cat"]
+    assert rows[1]["parent_lemma"] == "canine"
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_prepare_imagefolder_with_wordnet_classes_and_bad_records(ray_cluster, tmp_path, fmt):
+    info = make_imagefolder(tmp_path / "src")
+    out = tmp_path / "shards"
+    summary = prepare(str(tmp_path / "src"), str(out), fmt=fmt, shard_size=7, max_pixels=MAX_PIXELS, log=lambda s: None)
+    # header checks catch empty / not an image / too large at prepare time; the rest pass through
+    assert summary["bad_by_kind"] == {"empty": 1, "not_image": 1, "too_large": 1}
+    kept = info["good"] + 5  # truncated, grayscale, cmyk, rgba, png-named-jpeg travel on to decode
+    assert summary["images"] == kept
+    rows = [json.loads(line) for line in (out / "bad_records.jsonl").read_text().splitlines()]
+    assert sorted(r["kind"] for r in rows) == ["empty", "not_image", "too_large"]
+    # evenly sized shards
+    _, paths, detected = list_shards(str(out))
+    assert detected == fmt and len(paths) == -(-(kept + 3) // 7)
+    done = [json.loads((out / (p.rsplit("/", 1)[-1] + ".done.json")).read_text()) for p in paths]
+    planned = [d["planned"] for d in done]
+    assert max(planned) - min(planned) <= 1  # even plan; a shard is short only by its counted bad records
+    assert all(d["images"] + len(d["bad"]) == d["planned"] for d in done)
+    table = (out / "classes.tsv").read_text().splitlines()
+    assert table[0].split("\t")[:4] == ["index", "name", "lemma", "parent"]
+    assert table[2].split("\t")[:3] == ["1", "n02084071", "dog"] and table[2].split("\t")[3] == "n02083346"
+
+
+def test_prepare_synset_tars_and_stream_labels(ray_cluster, tmp_path):
+    make_synset_tars(tmp_path / "tars")
+    out = tmp_path / "wds"
+    prepare(str(tmp_path / "tars"), str(out), fmt="webdataset", shard_size=5, max_pixels=MAX_PIXELS, log=lambda s: None)
+    images, labels, bad = stream(str(out), "bad-tars", decode=DecodeConfig(image_size=32, num_classes=3,
+                                                                          max_pixels=MAX_PIXELS))
+    assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
+    # 18 good + 3 converted + png-named-jpeg; truncated skipped at decode
+    assert len(labels) == 18 + len(CONVERTED) + 1
+    assert np.bincount(labels).tolist() == [6 + 4, 6, 6]
+    assert bad["by_kind"] == {"truncated": 1, "converted": 3}
+
+
+def test_prepare_resumes_and_refuses_a_different_plan(ray_cluster, tmp_path):
+    make_imagefolder(tmp_path / "src", with_bad=False)
+    out = tmp_path / "shards"
+    first = prepare(str(tmp_path / "src"), str(out), shard_size=4, log=lambda s: None)
+    assert first["written_now"] == 5
+    victim = out / "train-00003.parquet"
+    victim.unlink()
+    (out / "train-00003.parquet.done.json").unlink()
+    untouched = (out / "train-00001.parquet").stat().st_mtime_ns
+    again = prepare(str(tmp_path / "src"), str(out), shard_size=4, log=lambda s: None)
+    assert again["written_now"] == 1 and victim.exists() and again["images"] == first["images"]
+    assert (out / "train-00001.parquet").stat().st_mtime_ns == untouched
+    with pytest.raises(PrepareError, match="different plan"):
+        prepare(str(tmp_path / "src"), str(out), shard_size=4, seed=1, log=lambda s: None)
+
+
+def test_prepare_fail_mode_names_the_record(ray_cluster, tmp_path):
+    make_imagefolder(tmp_path / "src")
+    with pytest.raises(BadRecordError, match=r"key n01440764/n01440764_(empty|not_image|too_large): "):
+        prepare(str(tmp_path / "src"), str(tmp_path / "out"), on_bad_record="fail", max_pixels=MAX_PIXELS,
+                log=lambda s: None)
+
+
+def test_real_cifar_slice_prepare_and_deterministic_split(ray_cluster, tmp_path):
+    src = make_cifar_slice(CIFAR, tmp_path / "cifar")
+    out = tmp_path / "shards"
+    summary = prepare(str(src), str(out), shard_size=128, log=lambda s: None)
+    assert summary["images"] == 400 and summary["bad_records"] == 0
+    assert sorted(p.name for p in out.glob("test-*.parquet")) == ["test-00000.parquet"]
+    table = json.loads((out / "classes.json").read_text())
+    assert table[0]["name"] == "apple" and table[0]["parent"] == "fruit_and_vegetables"
+    cfg = DecodeConfig(image_size=32, train=False, num_classes=100)
+    _, val1, _ = stream(str(out), "bad-c1", decode=cfg, subset="val", val_fraction=0.2, shuffle_files=False)
+    _, train1, _ = stream(str(out), "bad-c2", decode=cfg, subset="train", val_fraction=0.2, shuffle_files=False)
+    assert len(val1) + len(train1) == 300 and 30 < len(val1) < 90
+    # the same keys land in validation every time (hash of the key, not of the order)
+    _, val2, _ = stream(str(out), "bad-c3", decode=cfg, subset="val", val_fraction=0.2)
+    assert sorted(val1.tolist()) == sorted(val2.tolist())
+    # pixels survive the PNG round trip exactly
+    import pyarrow.parquet as pq
+    from PIL import Image
+    import io
+    row = pq.read_table(out / "train-00000.parquet").slice(0, 1).to_pylist()[0]
+    with np.load(src / "train.npz", allow_pickle=False) as d:
+        index = int(row["key"].rsplit("-", 1)[1])
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]))), d["x"][index])
+
+
+def test_user_webdataset_read_as_is_with_every_bad_kind(ray_cluster, tmp_path):
+    info = make_user_webdataset(tmp_path / "wds")
+    images, labels, bad = stream(str(tmp_path / "wds"), "bad-wds",
+                                 decode=DecodeConfig(image_size=64, num_classes=3, max_pixels=MAX_PIXELS))
+    assert images.shape[1:] == (64, 64, 3)
+    assert len(labels) == info["good"] + len(CONVERTED) + 1
+    assert bad["by_kind"] == {**{k: 1 for k in SKIPPED}, "missing_label": 1, "converted": 3}
+    assert set(bad["by_shard"]) == {"train-00000.tar"}
+
+
+def test_user_parquet_hf_layout_every_bad_kind_and_jsonl(ray_cluster, tmp_path):
+    info = make_user_parquet(tmp_path / "pq")
+    log = "bad-pq"
+    images, labels, bad = stream(str(tmp_path / "pq"), log,
+                                 decode=DecodeConfig(image_size=32, num_classes=3, max_pixels=MAX_PIXELS))
+    assert len(labels) == info["good"] + len(CONVERTED) + 1
+    assert bad["by_kind"] == {**{k: 1 for k in SKIPPED}, "missing_label": 2, "converted": 3}
+    assert bad["skipped"] == 6 and bad["by_shard"]["train-00000.parquet"]["missing_label"] == 2
+    import ray
+    path = tmp_path / "bad_records.jsonl"
+    assert ray.get(bad_record_log(log).write.remote(str(path))) == 9
+    keys = {json.loads(line)["key"] for line in path.read_text().splitlines()}
+    assert {"bad_empty", "bad_truncated", "missing_label", "label_out_of_range"} <= keys
+
+
+def test_stream_fail_mode_names_shard_and_key(ray_cluster, tmp_path):
+    make_user_parquet(tmp_path / "pq")
+    with pytest.raises(Exception, match=r"shard train-00000.parquet: key bad_\w+"):
+        stream(str(tmp_path / "pq"), "bad-fail", decode=DecodeConfig(image_size=32, on_bad_record="fail"))
+
+
+def test_validation_membership_is_stable():
+    keys = [f"k{i}" for i in range(2000)]
+    frac = np.mean([in_validation(k, 0.1) for k in keys])
+    assert 0.07 < frac < 0.13
+    assert [in_validation(k, 0.1) for k in keys[:50]] == [in_validation(k, 0.1) for k in keys[:50]]
+
+
+def test_prepare_cli_bad_input_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(tmp_path), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "not a CIFAR-100 folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -242,3 +242,31 @@ def test_streaming_more_bytes_than_the_object_store(ray_cluster, tmp_path):
     from ray._private.internal_api import memory_summary
     spilled = [line for line in memory_summary(stats_only=True).splitlines() if line.startswith("Spilled")]
     assert not spilled, spilled
+
+
+def test_uri_paths_and_bad_record_summary_line(ray_cluster, tmp_path):
+    """Shards addressed by URI go through pyarrow's filesystem layer (the s3:// code path)."""
+    from pipelines.data.stream import finish_bad_records
+
+    make_user_parquet(tmp_path / "pq")
+    images, labels, _ = stream(f"file://{tmp_path / 'pq'}", "bad-uri",
+                               decode=DecodeConfig(image_size=32, num_classes=3, max_pixels=MAX_PIXELS))
+    assert len(labels) == 14
+    line = finish_bad_records(str(tmp_path / "bad.jsonl"), "bad-uri")
+    assert line.startswith("bad records: 6 skipped, 3 converted") and "in 1 shards" in line
+    assert len((tmp_path / "bad.jsonl").read_text().splitlines()) == 9
+    with pytest.raises(FileNotFoundError, match="no train-"):
+        read_dataset(str(tmp_path), log_name=None)
+    with pytest.raises(ValueError, match="take all 2 CPUs"):
+        read_dataset(str(tmp_path / "pq"), concurrency=2, num_cpus=1.0, log_name=None)
+
+
+def test_prepare_cli_end_to_end(tmp_path):
+    make_imagefolder(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(tmp_path / "src"), "--out",
+                        str(tmp_path / "out"), "--format", "webdataset", "--shard-size", "5", "--max-pixels", str(MAX_PIXELS)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prepare: 23 images in 6 shards" in r.stdout and "3 bad records" in r.stdout
+    summary = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert summary["shards"] == 6 and summary["bad_by_kind"]["empty"] == 1

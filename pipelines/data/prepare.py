@@ -139,9 +139,11 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
     todo = [r for r in rows if not Path(r["path"] + ".done.json").exists()]
     log(f"prepare: {src.kind} at {source}: {sum(plan['images'].values())} images, {len(src.classes)} classes -> "
         f"{len(rows)} {fmt} shards ({len(rows) - len(todo)} already done)")
+    job_seconds = 0.0
     if todo:
         if not ray.is_initialized():
             ray.init(log_to_driver=False, include_dashboard=False)
+        job_start = time.perf_counter()
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         try:
             ds.map(write_shard, fn_kwargs={"fmt": fmt, "validate": validate, "on_bad_record": on_bad_record,
@@ -149,6 +151,7 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
                    concurrency=concurrency).materialize()
         except Exception as e:  # Ray wraps the task's exception; surface a bad record as itself
             raise unwrap_bad_record(e) from None
+        job_seconds = time.perf_counter() - job_start
     # the summary covers every shard, also those finished by an earlier (interrupted) run
     done = [json.loads(Path(r["path"] + ".done.json").read_text()) for r in rows]
     bad = [b for d in done for b in d["bad"]]
@@ -159,11 +162,13 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
     kinds: dict[str, int] = {}
     for b in bad:
         kinds[b["kind"]] = kinds.get(b["kind"], 0) + 1
+    written = sum(d["images"] for d in done if any(r["path"].endswith(d["shard"]) for r in todo))
     summary = {"images": sum(d["images"] for d in done), "shards": len(done), "bytes": sum(d["bytes"] for d in done),
                "bad_records": len(bad), "bad_by_kind": kinds, "written_now": len(todo), "seconds": elapsed,
-               "images_per_s": sum(d["images"] for d in done) / max(elapsed, 1e-9), "format": fmt, "layout": src.kind,
+               "images_per_s": written / job_seconds if job_seconds else 0.0, "format": fmt, "layout": src.kind,
                "classes": len(src.classes)}
     (out_dir / "prepare.json").write_text(json.dumps(summary, indent=1))
     log(f"prepare: {summary['images']} images in {summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB, "
-        f"{summary['bad_records']} bad records {kinds or ''} (bad_records.jsonl), {summary['images_per_s']:.0f} images/s")
+        f"{summary['bad_records']} bad records {kinds or ''} (bad_records.jsonl), "
+        f"{summary['images_per_s']:.0f} images/s written ({elapsed:.1f} s in all, Ray start-up included)")
     return summary

@@ -106,6 +106,18 @@ def bad_record_log(name: str = BAD_LOG_NAME):
     return handle
 
 
+def finish_bad_records(path: str, log_name: str = BAD_LOG_NAME) -> str:
+    """Write the collected bad records to ``path`` (JSONL) and return a one-line summary."""
+    import ray
+
+    log = bad_record_log(log_name)
+    ray.get(log.write.remote(path))
+    s = ray.get(log.summary.remote())
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items())) or "none"
+    return (f"bad records: {s['skipped']} skipped, {s['converted']} converted ({kinds}) "
+            f"in {len(s['by_shard'])} shards -> {path}")
+
+
 class DecodeBatch:
     """``map_batches`` callable: records -> {"image": uint8 [N,S,S,3], "label": int64 [N]}."""
 
@@ -201,6 +213,11 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
     import ray
 
     decode = decode or DecodeConfig()
+    low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+    cpus = ray.cluster_resources().get("CPU", 0) if ray.is_initialized() else 0
+    if cpus and high * num_cpus >= cpus:
+        raise ValueError(f"{high} decode actors x {num_cpus} CPU take all {cpus:g} CPUs of the cluster and the read "
+                         "tasks could never run; lower the concurrency or num_cpus per actor")
     fs, paths, fmt = list_shards(uri, split)
     ray.data.DataContext.get_current().target_max_block_size = int(target_block_mb * 2**20)
     if log_name is not None:
@@ -210,7 +227,6 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
         ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle)
     else:
         ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, include_paths=False, shuffle=shuffle)
-    low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
     return ds.map_batches(DecodeBatch, fn_constructor_kwargs={"cfg": asdict(decode), "seed": seed, "subset": subset,
                                                                 "val_fraction": val_fraction, "log_name": log_name},
                           batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,

@@ -45,12 +45,19 @@ def _check_header(data: bytes, max_pixels: int) -> None:
         raise _Bad("too_large", str(e)) from None
 
 
-def write_shard(row: dict, fmt: str, validate: str, on_bad_record: str, max_pixels: int) -> dict:
-    """Write one planned shard (a Ray Data ``map`` function). Returns its stats and bad records."""
+def write_shard(row: dict, fmt: str, validate: str, on_bad_record: str, max_pixels: int,
+                arrays: dict | None = None) -> dict:
+    """Write one planned shard (a Ray Data ``map`` function). Returns its stats and bad records.
+
+    ``arrays``: {npz path: ObjectRef of its pixel array} for CIFAR sources, put in the object
+    store once so that every shard task reads them zero-copy instead of re-loading the file.
+    """
+    import ray
+
     items = [Item.from_row(r) for r in json.loads(row["items"])]
     path = row["path"]
     keys, images, labels, bad = [], [], [], []
-    cache: dict = {}
+    cache: dict = {k: ray.get(v) for k, v in (arrays or {}).items()}
     for item in items:
         data = read_item(item, cache)
         try:
@@ -144,10 +151,15 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
         if not ray.is_initialized():
             ray.init(log_to_driver=False, include_dashboard=False)
         job_start = time.perf_counter()
+        arrays = {}
+        if src.kind == "cifar100":
+            for split in src.items:
+                with np.load(Path(source) / f"{split}.npz", allow_pickle=False) as d:
+                    arrays[str(Path(source) / f"{split}.npz")] = ray.put(d["x"])
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         try:
             ds.map(write_shard, fn_kwargs={"fmt": fmt, "validate": validate, "on_bad_record": on_bad_record,
-                                           "max_pixels": max_pixels},
+                                           "max_pixels": max_pixels, "arrays": arrays},
                    concurrency=concurrency).materialize()
         except Exception as e:  # Ray wraps the task's exception; surface a bad record as itself
             raise unwrap_bad_record(e) from None

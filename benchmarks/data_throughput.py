@@ -148,8 +148,6 @@ def consume(batches) -> dict:
 
 
 def run_ray(shards: Path, cfg: DecodeConfig, batch_size: int, concurrency: int, num_cpus: float) -> dict:
-    import ray
-
     from pipelines.data.stream import read_dataset
 
     ds = read_dataset(str(shards), decode=cfg, batch_size=batch_size, concurrency=concurrency, num_cpus=num_cpus,

@@ -17,6 +17,7 @@ import torch
 
 from splitnet import build_model, cut
 from splitnet.accounting import model_cost
+from splitnet.artifacts import read_manifest
 from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD, iterate_batches, load_cifar100
 from splitnet.metrics import semantic_quality
 from splitnet.models import CLASSES
@@ -103,7 +104,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict:
     tree_eval = evaluate(tree, test_batches())
 
     manifest_path = tree.save(out / "tree", input_size=32, dense_cost=dense_cost)
-    from splitnet.artifacts import read_manifest
     manifest = read_manifest(out / "tree")
     semantic = semantic_quality(tree.class_to_group.tolist(), _coarse_per_class(train))
     pictures = {

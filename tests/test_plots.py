@@ -1,4 +1,3 @@
-import torch
 from PIL import Image
 
 from splitnet import build_model, cut

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .records import BadRecordError, DecodeConfig, decode_batch, to_float_tensor
+from .records import DecodeConfig, decode_batch, to_float_tensor
 
 BAD_LOG_NAME = "splitnet-bad-records"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
@@ -143,10 +143,7 @@ class DecodeBatch:
         if self.val_fraction > 0:
             keep = np.array([in_validation(str(k), self.val_fraction) == (self.subset == "val") for k in keys], bool)
             keys, images, labels, shards = keys[keep], images[keep], labels[keep], shards[keep]
-        try:
-            pixels, out_labels, bad = decode_batch(keys, images, labels, shards, self.cfg, self.rng)
-        except BadRecordError:
-            raise
+        pixels, out_labels, bad = decode_batch(keys, images, labels, shards, self.cfg, self.rng)
         self._report([b.as_dict() for b in bad])
         return {"image": pixels, "label": out_labels}
 

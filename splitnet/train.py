@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -90,5 +90,3 @@ def format_epoch(stage: str, epoch: int, epochs: int, stats: dict, val: dict | N
     parts.append(f"{stats['images_per_s']:.0f} img/s")
     return " | ".join(parts)
 
-
-Logger = Callable[[str], None]

@@ -275,7 +275,7 @@ def build_tree(model: SplitModel, hard: HardAssignment, info: dict | None = None
     trunk_stages = [s for s, g in enumerate(model.stage_groups) if g == 1]
     trunk = Trunk([copy.deepcopy(m) for m in model.stem_modules()],
                   [copy.deepcopy(model.stages()[s]) for s in trunk_stages])
-    trunk_out = graph.sets[blocks_by_stage[trunk_stages[-1]][-1].sets["out"]].name if trunk_stages else graph.stem_out
+    trunk_out = blocks_by_stage[trunk_stages[-1]][-1].sets["out"] if trunk_stages else graph.stem_out
     seg_input = [trunk_out]
     for _, stage_ids, _ in segments[:-1]:
         seg_input.append(blocks_by_stage[stage_ids[-1]][-1].sets["out"])

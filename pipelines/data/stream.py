@@ -11,6 +11,26 @@ record's key, so the split never changes between runs or readers), and decodes +
 Bad records are skipped and reported to a named actor (:class:`BadRecordLog`) that counts them
 per shard and writes ``bad_records.jsonl``; with ``on_bad_record="fail"`` the job stops with the
 shard and key named.
+
+Object stores (``s3://bucket/prefix``; MinIO, Ceph, moto and other S3-compatible servers). The
+driver lists the shards; Ray Data's read tasks, in other processes and possibly on other nodes,
+open them with the same pyarrow filesystem object, which carries its endpoint, region and any
+*explicit* keys along (keys that pyarrow found in the environment are not copied: each worker
+looks them up again in its own environment). Three ways to point at a non-AWS endpoint:
+
+1. In the URI: ``s3://bucket/shards?endpoint_override=minio.local:9000&scheme=http``
+   (pyarrow also takes ``region=``; it refuses keys in URIs). Credentials then come from the
+   standard ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` variables or ``~/.aws`` on every
+   node.
+2. In the environment (pyarrow reads ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``; tested
+   with pyarrow 26): export
+   ``AWS_ENDPOINT_URL=http://minio.local:9000 AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...``
+   before ``ray.init()`` / ``ray start`` (a local Ray's workers inherit the driver's
+   environment), or hand them to an existing cluster with
+   ``ray.init(runtime_env={"env_vars": {...}})`` / ``ray job submit --runtime-env-json``.
+3. In code: ``read_dataset(uri, filesystem=pyarrow.fs.S3FileSystem(endpoint_override=...,
+   scheme="http", access_key=..., secret_key=..., region=...))``; the keys travel with the
+   filesystem to the read tasks (into Ray's task specs: prefer 1 or 2 for real secrets).
 """
 from __future__ import annotations
 
@@ -27,21 +47,35 @@ BAD_LOG_NAME = "splitnet-bad-records"
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
 
 
-def resolve(uri: str):
-    """(pyarrow filesystem, path) for a local path or a URI such as ``s3://bucket/prefix``."""
+def resolve(uri: str, filesystem=None):
+    """(pyarrow filesystem, path) for a local path or a URI such as ``s3://bucket/prefix``.
+
+    With ``filesystem`` given, only the path is taken from ``uri`` (``s3://bucket/prefix?...``
+    -> ``bucket/prefix``; a plain path is used as it is).
+    """
+    import os
+
     import pyarrow.fs as pafs
 
+    if filesystem is not None:
+        if "://" not in uri:
+            return filesystem, uri
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(uri)
+        if parts.scheme == "file":
+            return filesystem, parts.path
+        return filesystem, (parts.netloc + parts.path).rstrip("/")
     if "://" in uri:
         return pafs.FileSystem.from_uri(uri)
-    import os
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def list_shards(uri: str, split: str = "train") -> tuple[object, list[str], str]:
+def list_shards(uri: str, split: str = "train", filesystem=None) -> tuple[object, list[str], str]:
     """(filesystem, sorted shard paths, format) of ``split`` under ``uri``."""
     import pyarrow.fs as pafs
 
-    fs, root = resolve(uri)
+    fs, root = resolve(uri, filesystem)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     except FileNotFoundError:
@@ -198,7 +232,7 @@ def _parse_cls(value):
 def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_fraction: float = 0.0,
                  decode: DecodeConfig | None = None, seed: int = 0, shuffle_files: bool = True,
                  batch_size: int = 256, concurrency: int | tuple[int, int] = 1, num_cpus: float = 1.0,
-                 target_block_mb: float = 4, log_name: str | None = BAD_LOG_NAME):
+                 target_block_mb: float = 4, log_name: str | None = BAD_LOG_NAME, filesystem=None):
     """A Ray Dataset of decoded, augmented images from the shards of ``split`` under ``uri``.
 
     subset / val_fraction: "train" or "val" share of the split (deterministic by key hash).
@@ -206,6 +240,8 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
     leave CPUs for the read tasks, or the reads wait forever. target_block_mb: read blocks are
     split to about this size (Ray's 128 MiB default turns a whole shard into one block, which
     spills a small object store to disk; measured: 4 MiB streamed 3x the store with no spilling).
+    filesystem: a configured ``pyarrow.fs`` filesystem for ``uri`` (see the module notes on
+    object stores); by default it is resolved from the URI.
     """
     import ray
 
@@ -215,7 +251,7 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
     if cpus and high * num_cpus >= cpus:
         raise ValueError(f"{high} decode actors x {num_cpus} CPU take all {cpus:g} CPUs of the cluster and the read "
                          "tasks could never run; lower the concurrency or num_cpus per actor")
-    fs, paths, fmt = list_shards(uri, split)
+    fs, paths, fmt = list_shards(uri, split, filesystem)
     ray.data.DataContext.get_current().target_max_block_size = int(target_block_mb * 2**20)
     if log_name is not None:
         bad_record_log(log_name)

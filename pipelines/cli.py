@@ -3,6 +3,7 @@
     splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100 [--json]
     splitnet demo [--data ../shared/data/cifar100] [--out runs/demo]
     splitnet prepare SOURCE --out DIR [--format parquet|webdataset] [--shard-size N]
+    splitnet run CONFIG.yaml [key=value ...]      # the staged Ray pipeline; re-running resumes
 
 Bad input prints one line naming the problem and exits with status 2.
 """
@@ -80,9 +81,37 @@ def cmd_prepare(args) -> int:
 
     try:
         prepare(args.source, args.out, fmt=args.format, shard_size=args.shard_size, seed=args.seed,
-                validate=args.validate, on_bad_record=args.on_bad_record, max_pixels=args.max_pixels, log=lambda line: print(line, flush=True))
+                validate=args.validate, on_bad_record=args.on_bad_record, max_pixels=args.max_pixels,
+                per_class=args.per_class, log=lambda line: print(line, flush=True))
     except PrepareError as e:
         raise UsageError(str(e)) from None
+    return 0
+
+
+def cmd_run(args) -> int:
+    import os
+
+    from pipelines.config import ConfigError, load_config, to_dict
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from pipelines.run import PipelineError, StageFailed, run
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        run(cfg, log=lambda line: print(line, flush=True))
+    except PipelineError as e:
+        raise UsageError(str(e)) from None
+    except StageFailed as e:
+        print(f"splitnet: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -120,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check each image: header (cheap: empty, not an image, too many pixels) or full decode")
     p.add_argument("--on-bad-record", default="skip", choices=["skip", "fail"])
     p.add_argument("--max-pixels", type=_positive_int, default=64_000_000, help="larger images are bad records")
+    p.add_argument("--per-class", type=_positive_int, default=None, help="keep at most N images of each class (every split)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("run", help="the staged pipeline on Ray: prepare, baseline, group, cut, finetune, evaluate, report")
+    p.add_argument("config", help="YAML config, e.g. pipelines/configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. group.epochs=5 run_dir=runs/x")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

@@ -5,9 +5,10 @@ given (the grouping stage); without them it is plain training (baseline, finetun
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,21 +19,32 @@ from .regularizers import RegularizerWeights, regularization_loss
 
 def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
                     reg_weights: RegularizerWeights | None = None, split_model=None, device="cpu",
-                    max_steps: int | None = None) -> dict:
+                    max_steps: int | None = None, amp_dtype: torch.dtype | None = None,
+                    before_step: Callable[[int], None] | None = None,
+                    after_step: Callable[[int], None] | None = None) -> dict:
     """One pass over ``batches`` of (images [B,3,H,W], labels [B]).
 
     ``split_model``: the module whose assignments the regularizers read (defaults to ``model``;
-    differs when ``model`` is wrapped, e.g. by DDP). Returns mean loss, ce, accuracy, images/s
-    and, when grouping, the mean regularizer terms.
+    differs when ``model`` is wrapped, e.g. by DDP). ``amp_dtype``: autocast the forward pass
+    (e.g. ``torch.bfloat16``); the regularizers stay in float32. ``before_step(i)`` runs before
+    step ``i`` (a learning-rate schedule), ``after_step(i)`` after it (mid-epoch checkpoints).
+    Returns mean loss, ce, accuracy, images/s and, when grouping, the mean regularizer terms.
     """
     model.train()
     split_model = split_model if split_model is not None else model
     totals = {"loss": 0.0, "ce": 0.0, "weight": 0.0, "disjoint": 0.0, "balance": 0.0}
     seen = correct = steps = 0
     start = time.perf_counter()
+    device_type = torch.device(device).type
     for x, y in batches:
+        if max_steps is not None and steps >= max_steps:
+            break
+        if before_step is not None:
+            before_step(steps)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
+        with (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
+            logits = model(x)
+        logits = logits.float()
         ce = F.cross_entropy(logits, y)
         loss = ce
         if reg_weights is not None:
@@ -50,6 +62,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
         steps += 1
+        if after_step is not None:
+            after_step(steps)
         if max_steps is not None and steps >= max_steps:
             break
     elapsed = time.perf_counter() - start
@@ -62,14 +76,20 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, batches: Iterable, device="cpu") -> dict:
+def evaluate(model: torch.nn.Module, batches: Iterable, device="cpu", amp_dtype: torch.dtype | None = None,
+             max_batches: int | None = None) -> dict:
     """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` (eval mode) over ``batches``."""
     model.eval()
     n = top1 = top5 = 0
     loss = 0.0
-    for x, y in batches:
+    device_type = torch.device(device).type
+    for i, (x, y) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        with (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
+            logits = model(x)
+        logits = logits.float()
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         hits = topk_correct(logits, y, (1, 5))
         top1 += hits[1]

@@ -103,10 +103,29 @@ def make_plan(items: list[Item], shard_size: int, seed: int) -> list[list[Item]]
     return [[items[i] for i in chunk] for chunk in np.array_split(order, count)]
 
 
+def class_subset(items: list[Item], per_class: int, seed: int) -> list[Item]:
+    """At most ``per_class`` items of each label, drawn with ``seed`` (source order kept)."""
+    if per_class <= 0:
+        return items
+    rng = np.random.default_rng([seed, per_class])
+    by_label: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        by_label.setdefault(it.label, []).append(i)
+    keep = []
+    for idx in by_label.values():
+        keep.extend(idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False).tolist())
+    return [items[i] for i in sorted(keep)]
+
+
 def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000, seed: int = 0,
             validate: str = "header", on_bad_record: str = "skip", max_pixels: int = DEFAULT_MAX_PIXELS,
-            concurrency: int | None = None, log: Callable[[str], None] = print) -> dict:
-    """Convert ``source`` into shards under ``out``; returns the summary (also ``out/prepare.json``)."""
+            concurrency: int | None = None, per_class: dict[str, int] | int | None = None,
+            log: Callable[[str], None] = print) -> dict:
+    """Convert ``source`` into shards under ``out``; returns the summary (also ``out/prepare.json``).
+
+    per_class: keep at most this many images of each class (an int for every split, or
+    ``{"train": 100, "test": 20}``): class-balanced subsets for short schedules and rehearsals.
+    """
     import ray
 
     if fmt not in FORMATS:
@@ -126,6 +145,9 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, plan_digest = [], hashlib.sha256()
     ext = "parquet" if fmt == "parquet" else "tar"
+    limits = per_class if isinstance(per_class, dict) else {s: per_class or 0 for s in src.items}
+    for split in src.items:
+        src.items[split] = class_subset(src.items[split], limits.get(split, 0), seed)
     for split, items in src.items.items():
         for i, shard in enumerate(make_plan(items, shard_size, seed)):
             path = str(out_dir / f"{split}-{i:05d}.{ext}")

@@ -1,0 +1,348 @@
+"""The pipeline's configuration: YAML -> dataclasses, validated on load, ``key=value`` overrides.
+
+    cfg = load_config("pipelines/configs/demo.yaml", ["run_dir=runs/x", "group.epochs=5"])
+
+Every problem raises :class:`ConfigError` with one line naming the key (an unknown key, a value
+of the wrong type, a value out of range). ``to_dict(cfg)`` is what gets saved in the run
+directory; ``from_dict`` reads it back, so a resumed run can be checked against the original.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line that names the key."""
+
+
+@dataclass
+class DataConfig:
+    # A CIFAR-100 folder (train.npz/test.npz), an ImageFolder tree or a folder of per-synset tars
+    # (converted once into shards under `shards`), or a folder/URI that already holds shards.
+    source: str = "../shared/data/cifar100"
+    shards: str = ""               # where converted shards go; default <run_dir>/shards
+    format: str = "parquet"        # parquet | webdataset (for converted shards)
+    shard_size: int = 1000
+    per_class: int = 0             # >0: a class-balanced subset of the train split (short schedules)
+    eval_per_class: int = 0        # >0: the same for the evaluation split
+    eval_split: str = "test"       # shards of this split evaluate; "" = hold out val_fraction of train
+    val_fraction: float = 0.0
+    image_size: int = 32
+    mean: list[float] = field(default_factory=list)  # default: CIFAR-100's at 32 px, ImageNet's otherwise
+    std: list[float] = field(default_factory=list)
+    decode_actors: int = 1         # Ray Data decode actors per dataset
+    decode_cpus: float = 0.25      # CPUs per decode actor
+    on_bad_record: str = "skip"    # skip | fail
+    max_pixels: int = 64_000_000
+    download: bool = False         # CIFAR-100 only: fetch with torchvision when `source` has no copy
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "wrn-16-2"
+    split: str = "2-2-2"           # groups per level, bottom to top (SPLITNET.md)
+    pretrained: str = ""           # dense weights to start from: .safetensors or a torchvision .pth
+
+
+@dataclass
+class ScalingConfigSpec:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0   # with use_gpu; fractions share a GPU
+    backend: str = "auto"          # auto (nccl with GPUs, gloo without) | gloo | nccl
+    amp: str = "none"              # none | bf16 (autocast)
+    torch_threads: int = 0         # intra-op threads per worker; 0 = max(1, cpus_per_worker)
+
+
+@dataclass
+class StageConfig:
+    enabled: bool = True
+    epochs: int = 1
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    batch_size: int = 128          # global: split evenly across the workers
+    schedule: str = "cosine"       # cosine | step | constant
+    milestones: list[int] = field(default_factory=list)  # step: epochs where lr x= gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    max_steps_per_epoch: int = 0   # >0: cap an epoch (rehearsals, smoke runs)
+    checkpoint_every_steps: int = 0  # >0: also checkpoint inside an epoch (long ImageNet epochs)
+
+
+@dataclass
+class GroupStageConfig(StageConfig):
+    init: str = "scratch"          # scratch | baseline | pretrained
+    disjoint: float = 1.0          # regularizer weights g1, g2, g3 (SPLITNET.md)
+    weight: float = 1.0
+    balance: float = 10.0
+    assignment_lr_mult: float = 1.0
+    split_lr_mult: float = 1.0
+    freeze_split_bn_scale: bool = False
+
+
+@dataclass
+class CutConfig:
+    min_classes_per_group: int = 1
+    min_channels_per_group: int = 1
+
+
+@dataclass
+class FinetuneStageConfig(StageConfig):
+    split_lr_mult: float = 1.0
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 256
+    max_batches: int = 0           # >0: evaluate on a prefix (rehearsals)
+
+
+@dataclass
+class FailureSpec:
+    max_failures: int = 2          # worker failures a stage survives (resuming from its checkpoint)
+    checkpoints_to_keep: int = 2
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "splitnet"
+    run_dir: str = "runs/demo"     # local path or URI (s3://bucket/prefix); re-running resumes
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scaling: ScalingConfigSpec = field(default_factory=ScalingConfigSpec)
+    baseline: StageConfig = field(default_factory=StageConfig)
+    group: GroupStageConfig = field(default_factory=GroupStageConfig)
+    cut: CutConfig = field(default_factory=CutConfig)
+    finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    failure: FailureSpec = field(default_factory=FailureSpec)
+
+
+CHOICES = {
+    "data.format": ("parquet", "webdataset"),
+    "data.on_bad_record": ("skip", "fail"),
+    "scaling.backend": ("auto", "gloo", "nccl"),
+    "scaling.amp": ("none", "bf16"),
+    "group.init": ("scratch", "baseline", "pretrained"),
+}
+for _stage in ("baseline", "group", "finetune"):
+    CHOICES[f"{_stage}.schedule"] = ("cosine", "step", "constant")
+
+
+def _check_value(key: str, tp, value):
+    """``value`` converted to ``tp`` (int/float/bool/str/list[...]), or ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls, data, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_value(f"{prefix}{key}", tp, value)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> PipelineConfig:
+    cfg = _build(PipelineConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: PipelineConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``["group.epochs=5", "run_dir=s3://b/x"]`` applied to the raw mapping (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. group.epochs=5")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(data, key, value)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read ``path`` (YAML; None = the built-in defaults), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: PipelineConfig) -> None:
+    """Range and choice checks, and that the model can be built (arch, split)."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
+    if not cfg.run_dir:
+        raise ConfigError("run_dir: must not be empty")
+    if not cfg.data.source:
+        raise ConfigError("data.source: must not be empty")
+    d = cfg.data
+    _positive("data.shard_size", d.shard_size)
+    _positive("data.per_class", d.per_class, True)
+    _positive("data.eval_per_class", d.eval_per_class, True)
+    _positive("data.image_size", d.image_size)
+    _positive("data.decode_actors", d.decode_actors)
+    _positive("data.decode_cpus", d.decode_cpus)
+    _positive("data.max_pixels", d.max_pixels)
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if not d.eval_split and d.val_fraction == 0:
+        raise ConfigError("data.eval_split is empty and data.val_fraction is 0: nothing to evaluate on")
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        if values and len(values) != 3:
+            raise ConfigError(f"data.{key}: expected 3 numbers (R, G, B), got {values}")
+    if any(s <= 0 for s in d.std):
+        raise ConfigError(f"data.std: must be > 0, got {d.std}")
+    s = cfg.scaling
+    _positive("scaling.num_workers", s.num_workers)
+    _positive("scaling.cpus_per_worker", s.cpus_per_worker, True)
+    _positive("scaling.gpus_per_worker", s.gpus_per_worker)
+    _positive("scaling.torch_threads", s.torch_threads, True)
+    if s.backend == "nccl" and not s.use_gpu:
+        raise ConfigError("scaling.backend: nccl needs scaling.use_gpu=true (gloo runs on CPU)")
+    for stage in ("baseline", "group", "finetune"):
+        st = getattr(cfg, stage)
+        _positive(f"{stage}.epochs", st.epochs, allow_zero=not st.enabled)
+        _positive(f"{stage}.lr", st.lr)
+        _positive(f"{stage}.weight_decay", st.weight_decay, True)
+        _positive(f"{stage}.momentum", st.momentum, True)
+        _positive(f"{stage}.batch_size", st.batch_size)
+        _positive(f"{stage}.max_steps_per_epoch", st.max_steps_per_epoch, True)
+        _positive(f"{stage}.checkpoint_every_steps", st.checkpoint_every_steps, True)
+        _positive(f"{stage}.warmup_epochs", st.warmup_epochs, True)
+        if st.batch_size < s.num_workers:
+            raise ConfigError(f"{stage}.batch_size: {st.batch_size} is smaller than scaling.num_workers ({s.num_workers})")
+        if st.schedule == "step" and not st.milestones:
+            raise ConfigError(f"{stage}.milestones: the step schedule needs at least one milestone epoch")
+    if not cfg.group.enabled or not cfg.finetune.enabled:
+        raise ConfigError("group and finetune cannot be disabled: they are the method (baseline is optional)")
+    for key in ("disjoint", "weight", "balance", "assignment_lr_mult", "split_lr_mult"):
+        _positive(f"group.{key}", getattr(cfg.group, key), allow_zero=key in ("disjoint", "weight", "balance"))
+    if cfg.group.init == "baseline" and not cfg.baseline.enabled:
+        raise ConfigError("group.init: baseline, but baseline.enabled is false")
+    if cfg.group.init == "pretrained" and not cfg.model.pretrained:
+        raise ConfigError("group.init: pretrained, but model.pretrained names no weights file")
+    if cfg.model.pretrained and "://" not in cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
+        raise ConfigError(f"model.pretrained: {cfg.model.pretrained}: no such file")
+    _positive("cut.min_classes_per_group", cfg.cut.min_classes_per_group)
+    _positive("cut.min_channels_per_group", cfg.cut.min_channels_per_group)
+    _positive("evaluate.batch_size", cfg.evaluate.batch_size)
+    _positive("evaluate.max_batches", cfg.evaluate.max_batches, True)
+    _positive("failure.max_failures", cfg.failure.max_failures, True)
+    _positive("failure.checkpoints_to_keep", cfg.failure.checkpoints_to_keep)
+    _check_model(cfg.model)
+
+
+def _check_model(m: ModelConfig) -> None:
+    import torch
+
+    from splitnet import build_model
+    from splitnet.assignment import SplitConfigError
+
+    try:
+        with torch.device("meta"):
+            build_model(m.arch, 10, m.split)
+    except SplitConfigError as e:
+        raise ConfigError(f"model.split: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"model.arch: {e}") from None
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config mappings."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

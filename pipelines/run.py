@@ -1,0 +1,457 @@
+"""``splitnet run CONFIG.yaml``: the staged pipeline on Ray, from data to a tree ready to serve.
+
+    prepare -> baseline -> group -> cut -> finetune -> evaluate -> report
+
+``prepare`` converts a raw source (CIFAR-100, ImageFolder, per-synset tars) into shards once
+(Ray Data tasks) or takes the shards the config points at. ``baseline``, ``group`` and
+``finetune`` are each a Ray Train ``TorchTrainer`` (DDP, gloo on CPU, NCCL on GPU) streaming
+their shard of a Ray Data pipeline; ``cut`` is a Ray task; ``evaluate`` is a Train job again, so
+every model is scored on the workers, next to the data.
+
+Everything lands in the run directory (local or a URI). ``state.json`` records finished stages: a
+re-run skips them, and the interrupted stage resumes from its last Ray Train checkpoint (as does
+a stage whose worker dies, up to ``failure.max_failures`` times).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import yaml
+
+from .config import ConfigError, PipelineConfig, differences, from_dict, to_dict
+from .rundir import RunDir
+
+STAGES = ("prepare", "baseline", "group", "cut", "finetune", "evaluate", "report")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PipelineError(RuntimeError):
+    """A problem the user can fix (printed as one line, exit status 2)."""
+
+
+@dataclass
+class DataInfo:
+    shards: str                 # folder or URI holding <split>-*.parquet|tar, classes.json
+    class_names: list[str]
+    parents: list[str]
+    train_records: int
+    eval_split: str             # the split the evaluation reads
+    eval_subset: str            # "train" or "val" share of that split
+    mean: list[float]
+    std: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ---- run directory bookkeeping ------------------------------------------------------------
+
+def _check_run_dir(rd: RunDir, cfg: PipelineConfig, log) -> dict:
+    """Save the resolved config, or check it against the one a previous run saved."""
+    resolved = to_dict(cfg)
+    if rd.exists("config.yaml"):
+        old = yaml.safe_load(rd.read_text("config.yaml")) or {}
+        diff = differences(old, resolved)
+        if diff:
+            raise PipelineError(f"{rd.display()} holds a run with a different config ({', '.join(diff[:5])} differ); "
+                                "re-run with the same config to resume, or pick a new run_dir")
+    else:
+        rd.write_text("config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    state = rd.read_json("state.json", {"stages": {}})
+    done = [s for s in STAGES if state["stages"].get(s, {}).get("status") == "done"]
+    if done:
+        log(f"run dir {rd.display()}: resuming; finished stages {', '.join(done)} are skipped")
+    return state
+
+
+def _mark(rd: RunDir, state: dict, stage: str, result: dict, seconds: float) -> None:
+    state["stages"][stage] = {"status": "done", "seconds": round(seconds, 2), "finished": time.time(), "result": result}
+    rd.write_json("state.json", state)
+
+
+def _done(state: dict, stage: str) -> bool:
+    return state["stages"].get(stage, {}).get("status") == "done"
+
+
+# ---- Ray ----------------------------------------------------------------------------------
+
+def _init_ray(log) -> bool:
+    """Connect to the cluster of RAY_ADDRESS / a Ray job, or start a local one. True when local."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}}
+    if address:
+        ray.init(address=address, runtime_env=env)
+        log(f"ray: connected to {address}")
+        return False
+    ray.init(runtime_env=env)
+    log(f"ray: started a local cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+        f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    return True
+
+
+def _check_resources(cfg: PipelineConfig, local: bool, log) -> None:
+    """Fail early (not hang) when the cluster cannot hold the trainers plus the data pipeline."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    s = cfg.scaling
+    if s.use_gpu:
+        need = s.num_workers * s.gpus_per_worker
+        if gpus == 0 and local:
+            raise PipelineError(f"scaling.use_gpu: this machine has no GPU that Ray can see (0 of {need:g} needed); "
+                                "run with scaling.use_gpu=false (CPU, gloo) or on a GPU node")
+        if gpus < need:
+            log(f"warning: the cluster has {gpus:g} GPUs now and the trainers need {need:g}; waiting for the autoscaler")
+    trainer_cpus = s.num_workers * s.cpus_per_worker
+    data_cpus = 2 * cfg.data.decode_actors * cfg.data.decode_cpus
+    if cpus and trainer_cpus + data_cpus + 1 > cpus and not _autoscaling():
+        raise PipelineError(
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU + decode actors {data_cpus:g} CPU + 1 CPU "
+            f"for Ray Data's read tasks need more than the cluster's {cpus:g} CPUs (the job would wait forever); "
+            "lower scaling.cpus_per_worker / num_workers or data.decode_actors / decode_cpus")
+
+
+def _autoscaling() -> bool:
+    return os.environ.get("SPLITNET_AUTOSCALING", "") == "1"
+
+
+# ---- prepare ------------------------------------------------------------------------------
+
+def _is_shards(uri: str) -> bool:
+    from .data.stream import list_shards
+
+    try:
+        list_shards(uri, "train")
+        return True
+    except (FileNotFoundError, OSError):
+        return False
+
+
+def _count_records(uri: str, split: str) -> int:
+    """Records in the shards of ``split``: Parquet footers, or image members of WebDataset tars."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from .data.stream import IMAGE_COLUMNS, list_shards
+
+    fs, paths, fmt = list_shards(uri, split)
+    total = 0
+    for p in paths:
+        with fs.open_input_file(p) as f:
+            if fmt == "parquet":
+                total += pq.ParquetFile(f).metadata.num_rows
+            else:
+                with tarfile.open(fileobj=f, mode="r|") as tf:
+                    keys = {m.name.rsplit(".", 1)[0] for m in tf if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_COLUMNS}
+                total += len(keys)
+    return total
+
+
+def _class_table(uri: str) -> list[dict]:
+    from .data.stream import resolve
+
+    fs, root = resolve(uri)
+    for name in ("classes.json", "classes.tsv"):
+        try:
+            with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
+                text = f.read().decode()
+        except (FileNotFoundError, OSError):
+            continue
+        if name.endswith(".json"):
+            return json.loads(text)
+        lines = text.strip().splitlines()
+        header = lines[0].split("\t")
+        return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    raise PipelineError(f"{uri}: no classes.json or classes.tsv next to the shards (splitnet prepare writes one)")
+
+
+def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
+    d = cfg.data
+    if _done(state, "prepare"):
+        info = DataInfo(**state["stages"]["prepare"]["result"]["data"])
+        return info
+    t0 = time.perf_counter()
+    source = d.source
+    if "://" not in source and not os.path.exists(source):
+        if d.download:
+            _download_cifar(source, log)
+        else:
+            raise PipelineError(f"data.source: {source}: no such folder (set data.source, or data.download=true to "
+                                "fetch CIFAR-100 with torchvision when online)")
+    summary = None
+    if _is_shards(source):
+        shards = source
+        log(f"prepare: reading the shards at {source} as they are")
+    else:
+        from .data.prepare import PrepareError, prepare
+
+        shards = d.shards or (rd.path("shards") if rd.is_local else "")
+        if not shards or "://" in shards:
+            raise PipelineError("data.shards: the run dir is a URI; set data.shards to a folder every node can read "
+                                "(converted shards are written there), or point data.source at prepared shards")
+        limits = {"train": d.per_class, d.eval_split or "train": d.eval_per_class} if d.eval_split else d.per_class
+        try:
+            summary = prepare(source, shards, fmt=d.format, shard_size=d.shard_size, seed=cfg.seed,
+                              on_bad_record=d.on_bad_record, max_pixels=d.max_pixels, per_class=limits, log=log)
+        except PrepareError as e:
+            raise PipelineError(str(e)) from None
+    table = _class_table(shards)
+    names = [str(r["name"]) for r in table]
+    parents = [str(r.get("parent", "")) for r in table]
+    if d.eval_split and not _has_split(shards, d.eval_split):
+        raise PipelineError(f"data.eval_split: no {d.eval_split}-* shards in {shards}; set data.eval_split='' and "
+                            "data.val_fraction to hold out part of train")
+    records = _count_records(shards, "train")
+    if not d.eval_split:
+        records = int(records * (1 - d.val_fraction))
+    cifar = d.image_size == 32 and len(names) == 100
+    from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD
+
+    mean = list(d.mean) or list(CIFAR100_MEAN if cifar else IMAGENET_MEAN)
+    std = list(d.std) or list(CIFAR100_STD if cifar else IMAGENET_STD)
+    info = DataInfo(shards=shards, class_names=names, parents=parents, train_records=records,
+                    eval_split=d.eval_split or "train", eval_subset="train" if d.eval_split else "val", mean=mean, std=std)
+    _mark(rd, state, "prepare", {"data": info.__dict__, "prepare": summary}, time.perf_counter() - t0)
+    log(f"data: {records} training records, {len(names)} classes, shards at {shards}")
+    return info
+
+
+def _has_split(uri: str, split: str) -> bool:
+    from .data.stream import list_shards
+
+    try:
+        list_shards(uri, split)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _download_cifar(root: str, log) -> None:
+    """torchvision's downloader (online users), then the .npz layout the rest reads."""
+    import numpy as np
+
+    from splitnet.datasets import load_cifar100
+
+    os.makedirs(root, exist_ok=True)
+    for split in ("train", "test"):
+        data = load_cifar100(root, split, download=True)
+        np.savez(os.path.join(root, f"{split}.npz"), x=data.images, fine=data.labels, coarse=data.coarse_labels,
+                 fine_names=np.array(data.class_names), coarse_names=np.array(data.coarse_names))
+    log(f"data: downloaded CIFAR-100 into {root}")
+
+
+# ---- datasets for the trainers ------------------------------------------------------------
+
+def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int = 0) -> dict:
+    from .data.records import DecodeConfig
+    from .data.stream import read_dataset
+
+    d = cfg.data
+    common = dict(concurrency=d.decode_actors, num_cpus=d.decode_cpus)
+    out = {}
+    if train:
+        out["train"] = read_dataset(info.shards, split="train", subset="train",
+                                    val_fraction=0.0 if d.eval_split else d.val_fraction,
+                                    decode=DecodeConfig(image_size=d.image_size, train=True, num_classes=info.num_classes,
+                                                        max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
+                                    seed=cfg.seed + epoch_seed, **common)
+    out["val"] = read_dataset(info.shards, split=info.eval_split, subset=info.eval_subset,
+                              val_fraction=0.0 if d.eval_split else d.val_fraction,
+                              decode=DecodeConfig(image_size=d.image_size, train=False, num_classes=info.num_classes,
+                                                  max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
+                              seed=cfg.seed, shuffle_files=False, **common)
+    return out
+
+
+def steps_per_epoch(cfg: PipelineConfig, stage: str, records: int) -> int:
+    st = getattr(cfg, stage)
+    per_worker = records // cfg.scaling.num_workers
+    steps = per_worker // (st.batch_size // cfg.scaling.num_workers)
+    if st.max_steps_per_epoch:
+        steps = min(steps, st.max_steps_per_epoch)
+    if steps < 1:
+        raise PipelineError(f"{stage}.batch_size: {st.batch_size} is larger than the {records} training records "
+                            f"split over {cfg.scaling.num_workers} workers (no full batch per epoch)")
+    return steps
+
+
+def _trainer(cfg: PipelineConfig, rd: RunDir, stage: str, loop, loop_config: dict, datasets: dict):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(name=stage, storage_path=rd.path("checkpoints"), storage_filesystem=rd.fs,
+                             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.failure.checkpoints_to_keep),
+                             logging_config=LoggingConfig(log_level=os.environ.get("SPLITNET_TRAIN_LOG_LEVEL", "WARNING"))),
+        datasets=datasets,
+    )
+
+
+def _fit(trainer, stage: str):
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as e:
+        raise StageFailed(f"stage {stage} failed after its retries: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                          "re-run the same command to resume from its last checkpoint") from e
+
+
+class StageFailed(RuntimeError):
+    """A stage that failed beyond its retries (exit status 1; re-running resumes)."""
+
+
+def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, stage: str, log) -> None:
+    from .stages import train_loop
+
+    st = getattr(cfg, stage)
+    if not st.enabled:
+        log(f"[{stage}] disabled in the config")
+        return
+    if _done(state, stage):
+        log(f"[{stage}] done earlier, skipped")
+        return
+    t0 = time.perf_counter()
+    spe = steps_per_epoch(cfg, stage, info.train_records)
+    log(f"[{stage}] {st.epochs} epochs x {spe} steps, batch {st.batch_size} over {cfg.scaling.num_workers} workers"
+        f"{' (GPU)' if cfg.scaling.use_gpu else ''}")
+    loop_config = {"cfg": to_dict(cfg), "stage": stage, "num_classes": info.num_classes, "steps_per_epoch": spe,
+                   "mean": info.mean, "std": info.std}
+    _fit(_trainer(cfg, rd, stage, train_loop, loop_config, _datasets(cfg, info, True, epoch_seed=STAGES.index(stage))), stage)
+    out = "tree" if stage == "finetune" else stage
+    result = rd.read_json(f"{out}/result.json", {})
+    history = result.get("history", [])
+    last = history[-1] if history else {}
+    _mark(rd, state, stage, {"history": history, "resumed": result.get("resumed", []), "val_top1": last.get("val_top1")},
+          time.perf_counter() - t0)
+    log(f"[{stage}] done in {time.perf_counter() - t0:.0f}s: val top-1 {last.get('val_top1', float('nan')):.3f}")
+
+
+# ---- cut ----------------------------------------------------------------------------------
+
+def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, std) -> dict:
+    """Ray task: load the grouped model, cut it into the tree, write ``cut/``."""
+    from splitnet import build_model, cut
+    from splitnet.accounting import model_cost
+
+    from .stages import load_state_file
+
+    cfg = from_dict(cfg_dict)
+    rd = RunDir(cfg.run_dir)
+    model = build_model(cfg.model.arch, num_classes, cfg.model.split)
+    with rd.local_copy("group") as d:
+        model.load_state_dict(load_state_file(os.path.join(d, "model.safetensors")))
+    model.eval()
+    dense_cost = model_cost(model, cfg.data.image_size)
+    info = {"class_names": class_names, "mean": list(mean), "std": list(std), "input_size": cfg.data.image_size}
+    tree = cut(model, cfg.cut.min_classes_per_group, cfg.cut.min_channels_per_group, info=info)
+    with rd.staging("cut") as d:
+        tree.save(d, input_size=cfg.data.image_size, dense_cost=dense_cost)
+    return {"moves": len(tree.moves), "subtrees": len(tree.subtrees), "dense_cost": dense_cost}
+
+
+def _cut(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> None:
+    import ray
+
+    if _done(state, "cut"):
+        log("[cut] done earlier, skipped")
+        return
+    t0 = time.perf_counter()
+    result = ray.get(ray.remote(num_cpus=min(1.0, cfg.scaling.cpus_per_worker or 1.0))(cut_stage).remote(
+        to_dict(cfg), info.num_classes, info.class_names, info.mean, info.std))
+    _mark(rd, state, "cut", result, time.perf_counter() - t0)
+    log(f"[cut] {result['subtrees']} subtrees written to {rd.display('cut')}; {result['moves']} members moved to keep "
+        "groups non-empty")
+
+
+def _evaluate(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> dict:
+    from .stages import evaluate_loop
+
+    if _done(state, "evaluate"):
+        log("[evaluate] done earlier, skipped")
+        return rd.read_json("evaluate/metrics.json")
+    t0 = time.perf_counter()
+    loop_config = {"cfg": to_dict(cfg), "num_classes": info.num_classes, "mean": info.mean, "std": info.std}
+    _fit(_trainer(cfg, rd, "evaluate", evaluate_loop, loop_config, _datasets(cfg, info, False)), "evaluate")
+    metrics = rd.read_json("evaluate/metrics.json")
+    _mark(rd, state, "evaluate", metrics, time.perf_counter() - t0)
+    log("[evaluate] " + ", ".join(f"{k} top-1 {v['top1']:.3f}" for k, v in metrics.items()))
+    return metrics
+
+
+def collect_bad_records(rd: RunDir, info: DataInfo) -> str:
+    """Merge the bad records seen so far (prepare's, and every stage's stream) into the run dir's
+    ``bad_records.jsonl``, once per (shard, key, kind) however many epochs met them; a summary line."""
+    import ray
+
+    from .data.stream import bad_record_log
+
+    rows = {}
+    for line in (rd.read_text("bad_records.jsonl") if rd.exists("bad_records.jsonl") else "").splitlines():
+        r = json.loads(line)
+        rows[(r.get("shard"), r.get("key"), r.get("kind"))] = r
+    prepared = f"{info.shards.rstrip('/')}/bad_records.jsonl"
+    if "://" not in prepared and os.path.exists(prepared):
+        for line in open(prepared).read().splitlines():
+            r = json.loads(line)
+            rows.setdefault((r.get("shard"), r.get("key"), r.get("kind")), {**r, "stage": "prepare"})
+    for r in ray.get(bad_record_log().records_list.remote()):
+        rows.setdefault((r.get("shard"), r.get("key"), r.get("kind")), r)
+    rd.write_text("bad_records.jsonl", "".join(json.dumps(r) + "\n" for r in rows.values()))
+    kinds: dict[str, int] = {}
+    for r in rows.values():
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    skipped = sum(v for k, v in kinds.items() if k != "converted")
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"
+    return f"bad records: {skipped} skipped, {kinds.get('converted', 0)} converted ({detail}) -> {rd.display('bad_records.jsonl')}"
+
+
+# ---- the pipeline -------------------------------------------------------------------------
+
+def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str | None = None) -> dict:
+    """Run (or resume) every stage; returns the report. ``stop_after``: a stage name (for tests)."""
+    import ray
+
+    from .report import write_report
+
+    t0 = time.perf_counter()
+    rd = RunDir(cfg.run_dir)
+    state = _check_run_dir(rd, cfg, log)
+    local = _init_ray(log)
+    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("SPLITNET_PROGRESS", "1") != "0"
+    _check_resources(cfg, local, log)
+    info = _prepare(cfg, rd, state, log)
+    steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log)),
+             ("group", lambda: _train_stage(cfg, rd, state, info, "group", log)),
+             ("cut", lambda: _cut(cfg, rd, state, info, log)),
+             ("finetune", lambda: _train_stage(cfg, rd, state, info, "finetune", log))]
+    for name, fn in steps:
+        fn()
+        collect_bad_records(rd, info)
+        if stop_after == name:
+            return {}
+    metrics = _evaluate(cfg, rd, state, info, log)
+    log(collect_bad_records(rd, info))
+    report = write_report(cfg, rd, state, info, metrics, time.perf_counter() - t0, log)
+    return report

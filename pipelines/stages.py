@@ -1,0 +1,393 @@
+"""What runs inside the Ray Train workers of each stage (``baseline``, ``group``, ``finetune``,
+``evaluate``). The driver side (which stage runs when, resuming, the report) is ``pipelines.run``.
+
+A training stage's worker builds its model (dense; split-aware from scratch, from the baseline or
+from pretrained weights; or the cut tree), restores the last Ray Train checkpoint if there is one
+(a restarted worker group or a re-run of ``splitnet run``), trains with DDP on its shard of the
+Ray Data stream and reports one checkpoint per epoch (and every ``checkpoint_every_steps``
+steps). Rank 0 prints one progress line per epoch and writes the stage's output into the run
+directory when the stage ends.
+
+Checkpoints hold ``model.safetensors``, ``optimizer.safetensors`` (tensors) +
+``optimizer.json`` (the rest) and ``progress.json``: nothing in them is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from splitnet import build_model
+from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
+from splitnet.train import evaluate, format_epoch, train_one_epoch
+
+from .config import PipelineConfig, from_dict
+from .rundir import RunDir
+
+TRAIN_STAGES = ("baseline", "group", "finetune")
+
+
+def say(line: str) -> None:
+    """A progress line from a worker: straight to stdout, which Ray forwards to the driver once
+    (Ray Train patches ``print`` into its logger, which would also hide it at WARNING)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# ---- model and optimizer state, without pickle --------------------------------------------
+
+def save_state(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from ``.safetensors``, or a torchvision-style ``.pth`` read with ``weights_only=True``."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
+    """Optimizer state as safetensors (tensors) + JSON (hyper-parameters, steps)."""
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer(opt: torch.optim.Optimizer, directory: Path, device) -> None:
+    from safetensors.torch import load_file
+
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(directory / "optimizer.safetensors"), device=str(device)).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---- learning-rate schedule ---------------------------------------------------------------
+
+def lr_factor(st, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at global ``step`` (warm-up, then the schedule)."""
+    epoch = step / max(steps_per_epoch, 1)
+    warm = st.warmup_epochs
+    if warm > 0 and epoch < warm:
+        return (epoch + 1 / max(steps_per_epoch, 1)) / warm
+    if st.schedule == "constant":
+        return 1.0
+    if st.schedule == "step":
+        return st.gamma ** sum(1 for m in st.milestones if epoch >= m)
+    total = max(st.epochs * steps_per_epoch, 1)
+    t = min(max(step - warm * steps_per_epoch, 0) / max(total - warm * steps_per_epoch, 1), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ---- models of each stage -----------------------------------------------------------------
+
+def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: int):
+    """The model a stage trains or starts from (before any checkpoint is restored)."""
+    m = cfg.model
+    if stage == "baseline":
+        model = build_model(m.arch, num_classes, "1")
+        if m.pretrained:
+            model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
+        return model
+    if stage == "group":
+        model = build_model(m.arch, num_classes, m.split)
+        init = cfg.group.init
+        if init == "baseline":
+            with rd.local_copy("baseline") as d:
+                model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+        elif init == "pretrained":
+            model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
+        if cfg.group.freeze_split_bn_scale:
+            freeze_split_bn_scale(model)
+        return model
+    if stage == "finetune":
+        from splitnet.artifacts import load_tree
+
+        with rd.local_copy("cut") as d:
+            return load_tree(d).train()
+    raise ValueError(f"no model for stage {stage!r}")
+
+
+def _fetch(rd: RunDir, uri: str) -> str:
+    """A local path for ``uri`` (downloaded to a temp file when it is a URI)."""
+    if "://" not in uri:
+        return uri
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    tmp = Path(tempfile.mkdtemp(prefix="splitnet-")) / Path(path).name
+    with fs.open_input_stream(path) as src:
+        tmp.write_bytes(src.read())
+    return str(tmp)
+
+
+def _optimizer(cfg: PipelineConfig, stage: str, model) -> torch.optim.Optimizer:
+    st = getattr(cfg, stage)
+    if stage == "group":
+        groups = parameter_groups(model, st.lr, st.weight_decay, split_lr_mult=st.split_lr_mult,
+                                  assignment_lr_mult=st.assignment_lr_mult)
+    elif stage == "finetune":
+        groups = parameter_groups(model, st.lr, st.weight_decay, split_lr_mult=st.split_lr_mult)
+    else:
+        groups = parameter_groups(model, st.lr, st.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum, nesterov=st.momentum > 0)
+
+
+# ---- distributed helpers ------------------------------------------------------------------
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.cpu().tolist()
+
+
+def _merge_train_stats(stats: dict, elapsed: float) -> dict:
+    keys = [k for k in ("loss", "ce", "weight", "disjoint", "balance", "acc") if k in stats]
+    n = stats["images"]
+    sums = _all_reduce([stats[k] * n for k in keys] + [n, stats["steps"]])
+    total = max(sums[-2], 1)
+    out = {k: sums[i] / total for i, k in enumerate(keys)}
+    slowest = _all_reduce([elapsed], "max")[0]
+    out.update(images=int(sums[-2]), steps=int(stats["steps"]), images_per_s=sums[-2] / max(slowest, 1e-9))
+    return out
+
+
+def _merge_eval(val: dict) -> dict:
+    n = val["images"]
+    s = _all_reduce([val["top1"] * n, val["top5"] * n, val["loss"] * n, n])
+    total = max(s[3], 1)
+    return {"top1": s[0] / total, "top5": s[1] / total, "loss": s[2] / total, "images": int(s[3])}
+
+
+def _setup(cfg: PipelineConfig):
+    import ray.train
+    import ray.train.torch
+
+    threads = cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    amp = torch.bfloat16 if cfg.scaling.amp == "bf16" else None
+    return ctx, device, amp
+
+
+# ---- the training loop of a stage ---------------------------------------------------------
+
+def train_loop(config: dict) -> None:
+    """``TorchTrainer(train_loop_per_worker=train_loop, train_loop_config=...)`` for a training stage.
+
+    config: {"cfg": the pipeline config as a dict, "stage", "num_classes", "steps_per_epoch",
+    "mean", "std"}.
+    """
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(config["cfg"])
+    stage = config["stage"]
+    st = getattr(cfg, stage)
+    rd = RunDir(cfg.run_dir)
+    ctx, device, amp = _setup(cfg)
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    model = build_stage_model(cfg, stage, rd, config["num_classes"])
+    opt = _optimizer(cfg, stage, model)
+    steps_per_epoch = config["steps_per_epoch"]
+    progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            model.load_state_dict(load_state_file(d / "model.safetensors"))
+            model.to(device)
+            load_optimizer(opt, d, device)
+            progress = json.loads((d / "progress.json").read_text())
+        if rank == 0:
+            say(f"[{stage}] resuming from the checkpoint at epoch {progress['epoch']} step {progress['step_in_epoch']} "
+                f"(global step {progress['global_step']})")
+    progress.setdefault("resumed", [])
+    if checkpoint is not None:
+        progress["resumed"].append({"epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]})
+    model.to(device)
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    reg = RegularizerWeights(cfg.group.disjoint, cfg.group.weight, cfg.group.balance) if stage == "group" else None
+    from .data.stream import torch_batches
+
+    per_worker_batch = st.batch_size // world
+    mean, std = config["mean"], config["std"]
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    def report(metrics: dict, with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="splitnet-ckpt-") as tmp:
+            ckpt = None
+            if rank == 0:
+                tmp_path = Path(tmp)
+                save_state(model, tmp_path / "model.safetensors")
+                save_optimizer(opt, tmp_path)
+                (tmp_path / "progress.json").write_text(json.dumps(progress))
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def set_lr(i: int) -> None:
+        factor = lr_factor(st, progress["global_step"], steps_per_epoch)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+
+    def after_step(i: int) -> None:
+        progress["global_step"] += 1
+        progress["step_in_epoch"] += 1
+        every = st.checkpoint_every_steps
+        if every and progress["step_in_epoch"] % every == 0 and progress["step_in_epoch"] < limit:
+            report({"stage": stage, "epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]}, True)
+
+    while progress["epoch"] < st.epochs:
+        epoch = progress["epoch"]
+        limit = steps_per_epoch
+        remaining = limit - progress["step_in_epoch"]
+        start = time.perf_counter()
+        batches = torch_batches(train_shard, per_worker_batch, mean, std, str(device), drop_last=True)
+        stats = train_one_epoch(ddp, batches, opt, reg_weights=reg, split_model=model, device=device,
+                                max_steps=remaining, amp_dtype=amp, before_step=set_lr, after_step=after_step)
+        stats = _merge_train_stats(stats, time.perf_counter() - start)
+        val = _merge_eval(evaluate(model, torch_batches(val_shard, per_worker_batch, mean, std, str(device)), device,
+                                   amp_dtype=amp, max_batches=cfg.evaluate.max_batches or None))
+        progress["epoch"] += 1
+        progress["step_in_epoch"] = 0
+        row = {"stage": stage, "epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_top5": val["top5"],
+               "lr": opt.param_groups[0]["lr"]}
+        progress["history"].append(row)
+        if rank == 0:
+            say(format_epoch(stage, epoch + 1, st.epochs, stats, val))
+        report(row, True)
+
+    if rank == 0:
+        _write_stage_output(cfg, stage, rd, model, progress)
+    # every rank reports the same number of times: a last, checkpoint-less report
+    ray.train.report({"stage": stage, "done": True})
+
+
+def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, progress: dict) -> None:
+    if stage in ("baseline", "group"):
+        with rd.staging(stage) as d:
+            state_model = model
+            if stage == "baseline":
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous().cpu() for k, v in model.backbone_state_dict().items()},
+                          str(d / "model.safetensors"))
+            else:
+                save_state(state_model, d / "model.safetensors")
+            (d / "result.json").write_text(json.dumps({"history": progress["history"], "resumed": progress["resumed"]}))
+        return
+    # finetune: the tree to serve, with the dense model's counts carried over from the cut
+    from splitnet.artifacts import read_manifest
+
+    model.eval()
+    with rd.local_copy("cut") as cut_dir:
+        manifest = read_manifest(cut_dir)
+    dense = manifest["counts"].get("dense")
+    with rd.staging("tree") as d:
+        model.cpu().save(d, input_size=manifest["input_size"], dense_cost=dense)
+        (d / "result.json").write_text(json.dumps({"history": progress["history"], "resumed": progress["resumed"]}))
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+
+def evaluate_loop(config: dict) -> None:
+    """Every model of the run on the evaluation split, one pass, sums reduced over the workers."""
+    import ray.train
+
+    from splitnet.artifacts import load_tree
+    from splitnet.metrics import topk_correct
+
+    cfg = from_dict(config["cfg"])
+    rd = RunDir(cfg.run_dir)
+    ctx, device, amp = _setup(cfg)
+    n_classes = config["num_classes"]
+    models = {}
+    if cfg.baseline.enabled and rd.exists("baseline/model.safetensors"):
+        models["baseline"] = build_stage_model(cfg, "baseline", rd, n_classes)
+        with rd.local_copy("baseline") as d:
+            models["baseline"].load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+    grouped = build_model(cfg.model.arch, n_classes, cfg.model.split)
+    with rd.local_copy("group") as d:
+        grouped.load_state_dict(load_state_file(Path(d) / "model.safetensors"))
+    models["grouped"] = grouped
+    with rd.local_copy("cut") as d:
+        models["cut"] = load_tree(d)
+    with rd.local_copy("tree") as d:
+        models["tree"] = load_tree(d)
+    for m in models.values():
+        m.to(device).eval()
+    from .data.stream import torch_batches
+
+    sums = {k: [0.0, 0.0, 0.0] for k in models}  # top1, top5, loss sums
+    seen = 0
+    import contextlib
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        for i, (x, y) in enumerate(torch_batches(ray.train.get_dataset_shard("val"), cfg.evaluate.batch_size,
+                                                 config["mean"], config["std"], str(device))):
+            if cfg.evaluate.max_batches and i >= cfg.evaluate.max_batches:
+                break
+            for name, m in models.items():
+                with (torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()):
+                    logits = m(x)
+                logits = logits.float()
+                hits = topk_correct(logits, y, (1, 5))
+                sums[name][0] += hits[1]
+                sums[name][1] += hits[5]
+                sums[name][2] += float(F.cross_entropy(logits, y, reduction="sum"))
+            seen += len(y)
+    flat = [v for name in models for v in sums[name]] + [seen]
+    flat = _all_reduce(flat)
+    total = max(flat[-1], 1)
+    result = {name: {"top1": flat[3 * i] / total, "top5": flat[3 * i + 1] / total, "loss": flat[3 * i + 2] / total,
+                     "images": int(flat[-1])} for i, name in enumerate(models)}
+    if ctx.get_world_rank() == 0:
+        rd.write_json("evaluate/metrics.json", result)
+    ray.train.report({"stage": "evaluate", "images": int(flat[-1])})

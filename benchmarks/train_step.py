@@ -1,0 +1,175 @@
+"""Training-step throughput: SplitNet grouping step vs a plain dense step vs the split finetune step, one run.
+
+* dense: the model, cross-entropy only (the baseline);
+* grouping: the same model, CE + the three SplitNet regularizers (``regularization_loss``), the
+  same SGD with ``parameter_groups`` (the assignments get their own group);
+* split: the SplitTree ``splitnet.cut(model)`` gives, trained with plain CE (the finetune stage).
+
+Each variant runs ``--warmup`` steps, then timed blocks of steps alternate dense / grouping /
+split for ``--rounds`` rounds, so the machine's slow drifts hit all three alike. Images/s is the
+batch over the median block time per step; the ratios are the medians of the per-round ratios.
+Target: grouping / dense >= 0.90 (regularizer overhead <= 10%). On CUDA the clock is read only
+after ``torch.cuda.synchronize()``.
+
+    python benchmarks/train_step.py [--arch wrn-16-2] [--split 2-2-2] [--batch 128] [--size 32]
+        [--steps 30] [--rounds 5] [--device cpu|cuda] [--amp bf16] [--channels-last]
+    python benchmarks/train_step.py --arch resnet50 --classes 21841 --split 4-4 --size 224 --batch 64 --device cuda --amp bf16
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from splitnet import build_model, cut
+from splitnet.accounting import count_weights
+from splitnet.regularizers import RegularizerWeights, parameter_groups, regularization_loss
+
+# split used when --split is not given: the paper's configs (resnet: layer4 + fc in 4 groups).
+DEFAULT_SPLIT = {"wrn": "2-2-2", "resnet": "4-4"}
+
+
+def make_step(model, optimizer, x, y, *, reg_weights=None, amp_dtype=None, device_type="cpu"):
+    """One training step as ``splitnet.train.train_one_epoch`` runs it (same syncs: ``loss.item()``
+    and, when grouping, the regularizer terms as floats). The regularizers are computed outside
+    autocast, in float32 (sqrt / clamp at 1e-12 of bf16 sums would lose the small terms)."""
+    def step() -> float:
+        with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        if reg_weights is not None:
+            reg, _terms = regularization_loss(model, reg_weights)
+            loss = loss.float() + reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value}")
+        return value
+
+    return step
+
+
+def timed_block(step, steps: int, sync) -> float:
+    """Seconds per step over ``steps`` steps (synchronized before and after on CUDA)."""
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - t) / steps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="wrn-16-2", help="wrn-16-2 (CPU default), wrn-16-8, resnet50, ...")
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--split", default=None, help="split config, bottom to top; default 2-2-2 for WRN, 4-4 "
+                    "(layer4 + fc in 4 groups) for ResNet")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=32, help="input size (32 CIFAR, 224 ImageNet)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per variant (split into --rounds blocks)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per variant")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"], help="torch.autocast bf16 for forward + CE")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC memory format for models and inputs")
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--no-split-step", action="store_true", help="skip the split finetune step")
+    ap.add_argument("--tag", default=None, help="result file tag (default from arch/size/device/amp)")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("train_step: --device cuda but torch sees no CUDA device on this machine", file=sys.stderr)
+        sys.exit(2)
+    family = "wrn" if args.arch.startswith("wrn") else "resnet"
+    split = args.split or DEFAULT_SPLIT[family]
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+
+    grouping = build_model(args.arch, args.classes, split).to(device=device, memory_format=fmt).train()
+    dense = copy.deepcopy(grouping)
+    variants = {
+        "dense": dense,
+        "grouping": grouping,
+    }
+    if not args.no_split_step:
+        variants["split"] = cut(grouping).to(device=device, memory_format=fmt).train()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    reg_weights = RegularizerWeights()
+    steps = {}
+    for name, model in variants.items():
+        opt = torch.optim.SGD(parameter_groups(model, args.lr, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
+        steps[name] = make_step(model, opt, x, y, reg_weights=reg_weights if name == "grouping" else None,
+                                amp_dtype=amp_dtype, device_type=device.type)
+    for name, step in steps.items():
+        for _ in range(args.warmup):
+            step()
+    sync()
+    per_block = max(1, math.ceil(args.steps / args.rounds))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(timed_block(step, per_block, sync))
+
+    def ratio(name):
+        per_round = [d / v for d, v in zip(times["dense"], times[name])]
+        return statistics.median(per_round), [min(per_round), max(per_round)]
+
+    rows = []
+    for name in steps:
+        r, spread = ratio(name)
+        sec = statistics.median(times[name])
+        rows.append({"variant": name, "images_per_s": args.batch / sec, "ms_per_step": sec * 1e3,
+                     "ratio_vs_dense": r, "ratio_spread": spread, "weights": count_weights(variants[name])})
+    by = {r["variant"]: r for r in rows}
+    overhead_ratio = by["grouping"]["ratio_vs_dense"]
+    tag = args.tag or "-".join([args.arch, f"{args.size}px", device.type] + (["bf16"] if amp_dtype else [])
+                               + (["cl"] if args.channels_last else []))
+    result = {
+        "benchmark": "train_step", "target": "grouping / dense images/s >= 0.90",
+        "arch": args.arch, "classes": args.classes, "split": split, "batch": args.batch, "size": args.size,
+        "device": device.type, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "amp": args.amp, "memory_format": "channels_last" if args.channels_last else "contiguous",
+        "steps_per_block": per_block, "rounds": args.rounds, "warmup": args.warmup,
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "grouping_over_dense": overhead_ratio, "split_over_dense": by["split"]["ratio_vs_dense"] if "split" in by else None,
+        "target_met": overhead_ratio >= 0.90, "rows": rows,
+        "block_seconds_per_step": times,
+    }
+    out = Path(args.out_dir) / f"train_step-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{args.arch} split {split} classes {args.classes} batch {args.batch} {args.size}px {device.type}"
+          f" amp {args.amp} {result['memory_format']} ({args.rounds} rounds x {per_block} steps)")
+    print(f"{'variant':9} {'img/s':>9} {'ms/step':>9} {'vs dense':>9} {'spread':>13} {'weights':>10}")
+    for r in rows:
+        print(f"{r['variant']:9} {r['images_per_s']:9.1f} {r['ms_per_step']:9.1f} {r['ratio_vs_dense']:9.3f} "
+              f"{r['ratio_spread'][0]:6.3f}-{r['ratio_spread'][1]:<6.3f} {r['weights'] / 1e6:9.2f}M")
+    print(f"grouping/dense {overhead_ratio:.3f} (target >= 0.90: {'met' if result['target_met'] else 'NOT met'})")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,8 @@ class ScalingConfigSpec:
     backend: str = "auto"          # auto (nccl with GPUs, gloo without) | gloo | nccl
     amp: str = "none"              # none | bf16 (autocast)
     torch_threads: int = 0         # intra-op threads per worker; 0 = max(1, cpus_per_worker)
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers over nodes)
+    autoscale: bool = False        # the cluster adds nodes on demand: wait for CPUs/GPUs instead of failing fast
 
 
 @dataclass
@@ -132,6 +134,7 @@ CHOICES = {
     "data.on_bad_record": ("skip", "fail"),
     "scaling.backend": ("auto", "gloo", "nccl"),
     "scaling.amp": ("none", "bf16"),
+    "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "group.init": ("scratch", "baseline", "pretrained"),
 }
 for _stage in ("baseline", "group", "finetune"):

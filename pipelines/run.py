@@ -81,49 +81,54 @@ def _done(state: dict, stage: str) -> bool:
 
 # ---- Ray ----------------------------------------------------------------------------------
 
-def _init_ray(log) -> bool:
-    """Connect to the cluster of RAY_ADDRESS / a Ray job, or start a local one. True when local."""
+def _init_ray(log) -> None:
+    """Connect to the cluster of RAY_ADDRESS / a Ray job, or start a local one."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return
     address = os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}}
     if address:
         ray.init(address=address, runtime_env=env)
         log(f"ray: connected to {address}")
-        return False
+        return
     ray.init(runtime_env=env)
     log(f"ray: started a local cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
-    return True
 
 
-def _check_resources(cfg: PipelineConfig, local: bool, log) -> None:
+def _check_resources(cfg: PipelineConfig, log) -> None:
     """Fail early (not hang) when the cluster cannot hold the trainers plus the data pipeline."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
     s = cfg.scaling
-    if s.use_gpu:
-        need = s.num_workers * s.gpus_per_worker
-        if gpus == 0 and local:
-            raise PipelineError(f"scaling.use_gpu: this machine has no GPU that Ray can see (0 of {need:g} needed); "
-                                "run with scaling.use_gpu=false (CPU, gloo) or on a GPU node")
-        if gpus < need:
-            log(f"warning: the cluster has {gpus:g} GPUs now and the trainers need {need:g}; waiting for the autoscaler")
+    short = []
+    if s.use_gpu and gpus < s.num_workers * s.gpus_per_worker:
+        short.append(f"scaling.use_gpu: {s.num_workers} workers x {s.gpus_per_worker:g} GPU need "
+                     f"{s.num_workers * s.gpus_per_worker:g} GPUs and the cluster has {gpus:g}"
+                     + ("; run with scaling.use_gpu=false (CPU, gloo) or on GPU nodes" if gpus == 0 else ""))
     trainer_cpus = s.num_workers * s.cpus_per_worker
     data_cpus = 2 * cfg.data.decode_actors * cfg.data.decode_cpus
-    if cpus and trainer_cpus + data_cpus + 1 > cpus and not _autoscaling():
-        raise PipelineError(
-            f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU + decode actors {data_cpus:g} CPU + 1 CPU "
-            f"for Ray Data's read tasks need more than the cluster's {cpus:g} CPUs (the job would wait forever); "
-            "lower scaling.cpus_per_worker / num_workers or data.decode_actors / decode_cpus")
+    if trainer_cpus + data_cpus + 1 > cpus:
+        short.append(f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPU + decode actors {data_cpus:g} CPU + "
+                     f"1 CPU for Ray Data's read tasks need more than the cluster's {cpus:g} CPUs; lower "
+                     "scaling.cpus_per_worker / num_workers or data.decode_actors / decode_cpus")
+    if not short:
+        return
+    if s.autoscale:
+        log(f"warning: {short[0]}; waiting for the autoscaler (scaling.autoscale=true)")
+        return
+    raise PipelineError(short[0] + " (set scaling.autoscale=true on an autoscaling cluster to wait instead)")
 
 
-def _autoscaling() -> bool:
-    return os.environ.get("SPLITNET_AUTOSCALING", "") == "1"
+def _check_source(cfg: PipelineConfig) -> None:
+    source = cfg.data.source
+    if "://" not in source and not os.path.exists(source) and not cfg.data.download:
+        raise PipelineError(f"data.source: {source}: no such folder (set data.source, or data.download=true to "
+                            "fetch CIFAR-100 with torchvision when online)")
 
 
 # ---- prepare ------------------------------------------------------------------------------
@@ -185,11 +190,7 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
     t0 = time.perf_counter()
     source = d.source
     if "://" not in source and not os.path.exists(source):
-        if d.download:
-            _download_cifar(source, log)
-        else:
-            raise PipelineError(f"data.source: {source}: no such folder (set data.source, or data.download=true to "
-                                "fetch CIFAR-100 with torchvision when online)")
+        _download_cifar(source, log)  # _check_source let this through: data.download is set
     summary = None
     if _is_shards(source):
         shards = source
@@ -298,7 +299,8 @@ def _trainer(cfg: PipelineConfig, rd: RunDir, stage: str, loop, loop_config: dic
     backend = s.backend if s.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
     return TorchTrainer(
         loop, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name=stage, storage_path=rd.path("checkpoints"), storage_filesystem=rd.fs,
                              failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
@@ -343,7 +345,8 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
     result = rd.read_json(f"{out}/result.json", {})
     history = result.get("history", [])
     last = history[-1] if history else {}
-    _mark(rd, state, stage, {"history": history, "resumed": result.get("resumed", []), "val_top1": last.get("val_top1")},
+    _mark(rd, state, stage, {"history": history, "resumed": result.get("resumed", []), "val_top1": last.get("val_top1"),
+                             "workers": result.get("workers", [])},
           time.perf_counter() - t0)
     log(f"[{stage}] done in {time.perf_counter() - t0:.0f}s: val top-1 {last.get('val_top1', float('nan')):.3f}")
 
@@ -436,11 +439,12 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
     from .report import write_report
 
     t0 = time.perf_counter()
+    _check_source(cfg)
     rd = RunDir(cfg.run_dir)
     state = _check_run_dir(rd, cfg, log)
-    local = _init_ray(log)
+    _init_ray(log)
     ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("SPLITNET_PROGRESS", "1") != "0"
-    _check_resources(cfg, local, log)
+    _check_resources(cfg, log)
     info = _prepare(cfg, rd, state, log)
     steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log)),
              ("group", lambda: _train_stage(cfg, rd, state, info, "group", log)),

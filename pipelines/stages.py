@@ -199,6 +199,23 @@ def _merge_eval(val: dict) -> dict:
     return {"top1": s[0] / total, "top5": s[1] / total, "loss": s[2] / total, "images": int(s[3])}
 
 
+def _workers() -> list[dict]:
+    """(rank, node, host, device) of every worker, gathered on every rank."""
+    import socket
+
+    import ray
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    me = {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [me]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    return everyone
+
+
 def _setup(cfg: PipelineConfig):
     import ray.train
     import ray.train.torch
@@ -303,6 +320,7 @@ def train_loop(config: dict) -> None:
             say(format_epoch(stage, epoch + 1, st.epochs, stats, val))
         report(row, True)
 
+    progress["workers"] = _workers()
     if rank == 0:
         _write_stage_output(cfg, stage, rd, model, progress)
     # every rank reports the same number of times: a last, checkpoint-less report
@@ -320,7 +338,7 @@ def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, prog
                           str(d / "model.safetensors"))
             else:
                 save_state(state_model, d / "model.safetensors")
-            (d / "result.json").write_text(json.dumps({"history": progress["history"], "resumed": progress["resumed"]}))
+            (d / "result.json").write_text(json.dumps({k: progress.get(k, []) for k in ("history", "resumed", "workers")}))
         return
     # finetune: the tree to serve, with the dense model's counts carried over from the cut
     from splitnet.artifacts import read_manifest
@@ -331,7 +349,7 @@ def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, prog
     dense = manifest["counts"].get("dense")
     with rd.staging("tree") as d:
         model.cpu().save(d, input_size=manifest["input_size"], dense_cost=dense)
-        (d / "result.json").write_text(json.dumps({"history": progress["history"], "resumed": progress["resumed"]}))
+        (d / "result.json").write_text(json.dumps({k: progress.get(k, []) for k in ("history", "resumed", "workers")}))
 
 
 # ---- evaluation ---------------------------------------------------------------------------

@@ -1,0 +1,296 @@
+"""``splitnet run``: the staged Ray Train pipeline end to end, on a slice of real CIFAR-100 and a
+tiny WRN — a worker killed mid-stage, the driver interrupted and re-run, a 2-node cluster, and
+``ray job submit`` against a ``ray start`` cluster, the way users run it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CIFAR, ROOT
+from pipelines.config import load_config
+
+pytestmark = pytest.mark.skipif(not (CIFAR / "train.npz").is_file(), reason="needs the CIFAR-100 copy")
+
+FAST_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "SPLITNET_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    from datagen import make_cifar_slice
+
+    return make_cifar_slice(CIFAR, tmp_path_factory.mktemp("cifar") / "cifar100", train=640, test=200)
+
+
+def tiny(run_dir, source, **extra) -> list[str]:
+    """Overrides for a few-step run of a tiny WRN (stage epochs as given in ``extra``)."""
+    values = {
+        "run_dir": str(run_dir), "data.source": str(source), "data.shard_size": 160,
+        "model.arch": "wrn-10-1", "model.split": "2-2-2",
+        "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.25, "scaling.torch_threads": 1,
+        "baseline.epochs": 1, "group.epochs": 2, "finetune.epochs": 1,
+        "group.assignment_lr_mult": 1000, "evaluate.max_batches": 2,
+    }
+    for stage in ("baseline", "group", "finetune"):
+        values[f"{stage}.batch_size"] = 32
+        values[f"{stage}.max_steps_per_epoch"] = 4
+        values[f"{stage}.lr"] = 0.05
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _wait_for(predicate, what: str, timeout: float = 600, alive=lambda: True):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if not alive():
+            raise AssertionError(f"the run ended before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _checkpoints(run_dir: Path, stage: str) -> list[str]:
+    """Checkpoints Ray Train has registered for ``stage`` (a folder on disk alone may not be yet)."""
+    snapshot = run_dir / "checkpoints" / stage / "checkpoint_manager_snapshot.json"
+    try:
+        return [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of the Ray Train workers of this session's cluster (descendants of its raylet, from /proc)."""
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    parent, cmd = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def under_raylet(pid: int) -> bool:
+        while pid > 1:
+            if pid == raylet:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return sorted(pid for pid, c in cmd.items() if "RayTrainWorker" in c and under_raylet(pid))
+
+
+def _assert_complete_run(run_dir: Path) -> dict:
+    from splitnet.artifacts import load_tree
+
+    state = json.loads((run_dir / "state.json").read_text())
+    assert [s for s in ("prepare", "baseline", "group", "cut", "finetune", "evaluate", "report")
+            if state["stages"].get(s, {}).get("status") == "done"] == \
+        [s for s in ("prepare", "baseline", "group", "cut", "finetune", "evaluate", "report") if s in state["stages"]]
+    report = json.loads((run_dir / "report.json").read_text())
+    tree = load_tree(run_dir / "tree")
+    assert tree.num_classes == 100 and len(tree.subtrees) == 2
+    assert report["reduction"]["params"] > 0.3 and report["models"]["tree"]["params"] < report["models"]["grouped"]["params"]
+    for key in ("grouped", "cut", "tree"):
+        assert 0 <= report["models"][key]["top1"] <= 1 and report["models"][key]["images"] > 0
+    assert report["semantic"]["num_groups"] == 2 and 0 <= report["semantic"]["purity"] <= 1
+    md = (run_dir / "report.md").read_text()
+    assert "| tree finetuned" in md and "Reduction of the tree" in md and "purity" in md
+    for pic in report["pictures"].values():
+        assert (run_dir / pic).stat().st_size > 1000
+    assert (run_dir / "bad_records.jsonl").exists() and (run_dir / "config.yaml").exists()
+    assert (run_dir / "cut" / "manifest.yaml").exists() and (run_dir / "group" / "model.safetensors").exists()
+    return state
+
+
+def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, tmp_path):
+    from pipelines.run import run
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", tiny(run_dir, tiny_cifar, group__epochs=3))
+    logs: list[str] = []
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["report"] = run(cfg, log=logs.append)
+        except BaseException as e:  # surfaced below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    # the first grouping checkpoint (end of epoch 1): kill a worker while epoch 2 runs
+    _wait_for(lambda: _checkpoints(run_dir, "group"), "a grouping checkpoint", alive=thread.is_alive)
+    pids = _train_worker_pids()
+    assert pids, "no Ray Train worker found"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "the run did not finish"
+    assert "error" not in outcome, repr(outcome.get("error"))
+    state = _assert_complete_run(run_dir)
+    group = state["stages"]["group"]["result"]
+    # restarted from the checkpoint of epoch 1 (or later), not from scratch; epochs not repeated
+    assert group["resumed"] and group["resumed"][0]["epoch"] >= 1, group["resumed"]
+    assert [h["epoch"] for h in group["history"]] == [1, 2, 3]
+    assert any("disjoint" in h for h in group["history"])  # regularizer terms reported during grouping
+    assert len({w["rank"] for w in group["workers"]}) == 2
+    assert not state["stages"]["baseline"]["result"]["resumed"]
+    assert any(line.startswith("done in") for line in logs)
+
+    # a re-run of a finished run skips every stage and changes nothing
+    before = (run_dir / "tree" / "manifest.yaml").read_bytes()
+    logs.clear()
+    run(cfg, log=logs.append)
+    assert sum("done earlier, skipped" in line for line in logs) >= 4
+    assert (run_dir / "tree" / "manifest.yaml").read_bytes() == before
+    # and another config in the same run dir is refused with the keys named
+    from pipelines.run import PipelineError
+
+    other = load_config(ROOT / "pipelines/configs/demo.yaml", tiny(run_dir, tiny_cifar, group__epochs=4))
+    with pytest.raises(PipelineError, match="group.epochs"):
+        run(other, log=logs.append)
+
+
+def _cli_env(**extra) -> dict:
+    env = {**os.environ, **FAST_ENV, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", **extra}
+    return env
+
+
+def test_interrupted_driver_resumes_on_rerun(ray_cluster, tiny_cifar, tmp_path):
+    """Ctrl-C during grouping, then the same command again: finished stages are skipped and the
+    interrupted one continues from its last checkpoint."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
+            *tiny(run_dir, tiny_cifar, group__epochs=3)]
+    env = _cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: _checkpoints(run_dir, "group"), "a grouping checkpoint", alive=lambda: proc.poll() is None)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["stages"]["baseline"]["status"] == "done" and "group" not in state["stages"]
+    second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert "[baseline] done earlier, skipped" in out
+    assert "[group] resuming from the checkpoint at epoch" in out
+    state = _assert_complete_run(run_dir)
+    assert state["stages"]["group"]["result"]["resumed"][0]["epoch"] >= 1
+    assert [h["epoch"] for h in state["stages"]["group"]["result"]["history"]] == [1, 2, 3]
+    assert "[group] epoch 3/3" in out and "| disjoint" in out  # the progress lines reach the driver
+
+
+MULTINODE = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from pipelines.config import load_config
+from pipelines.run import run
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+cfg = load_config(sys.argv[1], sys.argv[2:])
+run(cfg)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_spreads_the_workers(tiny_cifar, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-c", MULTINODE, str(ROOT / "pipelines/configs/demo.yaml"),
+            *tiny(run_dir, tiny_cifar, baseline__enabled="false", group__epochs=1, scaling__placement_strategy="STRICT_SPREAD")]
+    r = subprocess.run(args, cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    state = json.loads((run_dir / "state.json").read_text())
+    for stage in ("group", "finetune"):
+        nodes = {w["node_id"] for w in state["stages"][stage]["result"]["workers"]}
+        assert len(nodes) == 2, state["stages"][stage]["result"]["workers"]
+    assert "baseline" not in state["stages"] and state["stages"]["report"]["status"] == "done"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["models"]["baseline"] is None and report["models"]["tree"]["images"] > 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
+    """`ray start --head`, then `ray job submit --working-dir . -- splitnet run ...` as the README says."""
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = _free_port(), _free_port()
+    env = _cli_env(RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                             "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+                             f"--temp-dir={tmp_path / 'ray'}"],
+                            cwd=tmp_path, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    run_dir = tmp_path / "run"
+    try:
+        job_env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
+
+        def dashboard_up():
+            return subprocess.run([str(ray_bin), "job", "list"], env=job_env, capture_output=True).returncode == 0
+
+        _wait_for(dashboard_up, "the head's job server", timeout=180, alive=lambda: head.poll() is None)
+        overrides = tiny(run_dir, tiny_cifar, baseline__enabled="false", group__epochs=1)
+        r = subprocess.run([str(ray_bin), "job", "submit", "--working-dir", str(ROOT), "--",
+                            "python", "-m", "pipelines.cli", "run", "pipelines/configs/demo.yaml", *overrides],
+                           cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in (r.stdout + r.stderr).lower()
+        assert "ray: connected to" in r.stdout  # the job joined the cluster instead of starting its own
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["stages"]["report"]["status"] == "done"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_dir"] == str(run_dir)
+
+
+def test_gpu_request_without_gpus_fails_fast_with_a_clear_line(ray_cluster, tiny_cifar, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
+                        *tiny(tmp_path / "run", tiny_cifar, scaling__use_gpu="true")],
+                       cwd=ROOT, env=_cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("splitnet: error: scaling.use_gpu:") and "the cluster has 0" in last and "use_gpu=false" in last
+
+
+def test_missing_source_is_one_line_before_ray_starts(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
+                        f"data.source={tmp_path / 'nope'}", f"run_dir={tmp_path / 'run'}"],
+                       cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"splitnet: error: data.source: {tmp_path / 'nope'}: no such folder "
+                                             "(set data.source, or data.download=true to fetch CIFAR-100 with "
+                                             "torchvision when online)"]

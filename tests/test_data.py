@@ -270,3 +270,35 @@ def test_prepare_cli_end_to_end(tmp_path):
     assert "prepare: 23 images in 6 shards" in r.stdout and "3 bad records" in r.stdout
     summary = json.loads((tmp_path / "out" / "prepare.json").read_text())
     assert summary["shards"] == 6 and summary["bad_by_kind"]["empty"] == 1
+
+
+def test_to_float_tensor_matches_torchvision_normalize():
+    """The fused uint8 -> normalized float path equals ToTensor + Normalize, laid out NCHW contiguous."""
+    import torch
+    from torchvision.transforms.functional import normalize
+
+    from pipelines.data.records import IMAGENET_MEAN, IMAGENET_STD, to_float_tensor
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 7, 5, 3), dtype=np.uint8)
+    pixels.setflags(write=False)  # Ray hands batches over read-only
+    x = to_float_tensor(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    expected = normalize(torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+    assert x.shape == (4, 3, 7, 5) and x.dtype == torch.float32 and x.is_contiguous()
+    assert torch.allclose(x, expected, atol=1e-5)
+    assert torch.equal(to_float_tensor(torch.from_numpy(pixels.copy()), IMAGENET_MEAN, IMAGENET_STD), x)
+
+
+def test_a_decoded_batch_travels_as_one_block(ray_cluster, tmp_path):
+    """64 images at 224x224 decode to 9.6 MB, well over the 4 MiB read-block target: blocks must
+    still hold whole batches (cut into pieces, a batch costs object-store traffic and a
+    re-assembling copy on the consumer)."""
+    from datagen import jpeg
+    from pipelines.data.sources import write_parquet_shard
+
+    (tmp_path / "pq").mkdir()
+    write_parquet_shard(str(tmp_path / "pq" / "train-00000.parquet"), [f"k{i}" for i in range(128)],
+                        [jpeg(seed=i) for i in range(128)], [i % 3 for i in range(128)])
+    ds = read_dataset(str(tmp_path / "pq"), decode=DecodeConfig(image_size=224, num_classes=3), batch_size=64,
+                      num_cpus=0.5, log_name=None)
+    sizes = [len(b["label"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy")]
+    assert sum(sizes) == 128 and all(n % 64 == 0 for n in sizes), sizes  # whole batches only, never pieces

@@ -261,8 +261,9 @@ EOF
 export GPU_CHECK_DEVICE="$DEVICE" OUT
 want ray && part "ray smoke (train + serve)" 170 0 "$PY" "$RAY_SMOKE"
 # A driver killed by its timeout leaves raylet/gcs behind. `ray stop --force` ends EVERY Ray process
-# on the machine, so only on the dedicated GPU machine, never on a shared CPU box.
-if [[ "$DEVICE" == cuda ]]; then
+# on the machine, so only then, and only on the dedicated GPU machine (a GPU is visible), never on a
+# shared CPU box.
+if [[ "$DEVICE" == cuda && "${SUMMARY[*]: -1}" == *"ray smoke"*TIMEOUT* ]] && nvidia-smi -L >/dev/null 2>&1; then
   timeout 20 "$PY" -c "import sys; sys.argv=['ray','stop','--force']; from ray.scripts.scripts import main; main()" >/dev/null 2>&1 || true
 fi
 

@@ -114,7 +114,8 @@ def test_plain_s3_uri_with_endpoint_and_keys_from_the_environment(s3, shards):
         import ray
         from pipelines.data.records import DecodeConfig
         from pipelines.data.stream import bad_record_log, read_dataset
-        ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False,
+                 log_to_driver=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ds = read_dataset("s3://shards/webdataset", decode=DecodeConfig(image_size=32, train=False, num_classes=3,
                           max_pixels=int(sys.argv[1])), num_cpus=0.5)

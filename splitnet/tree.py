@@ -212,7 +212,7 @@ class SplitTree(nn.Module):
         self.trunk = trunk
         self.subtrees = nn.ModuleList(subtrees)
         order = torch.cat([s.classes for s in subtrees])
-        if order.numel() != num_classes or not torch.equal(order.sort().values, torch.arange(num_classes)):
+        if order.numel() != num_classes or not torch.equal(order.sort().values, torch.arange(num_classes, device=order.device)):
             raise RuntimeError("subtrees do not cover every class exactly once")
         # position of every class in the concatenated subtree logits
         self.register_buffer("class_position", torch.argsort(order), persistent=False)

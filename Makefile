@@ -19,7 +19,7 @@ venv: $(BIN)/splitnet
 
 demo: venv
 	$(BIN)/splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100
-	$(BIN)/splitnet demo --data $(DATA) --out $(OUT)
+	$(BIN)/splitnet run pipelines/configs/demo.yaml data.source=$(DATA) run_dir=$(OUT)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

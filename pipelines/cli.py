@@ -1,7 +1,6 @@
 """The ``splitnet`` command.
 
     splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100 [--json]
-    splitnet demo [--data ../shared/data/cifar100] [--out runs/demo]
     splitnet prepare SOURCE --out DIR [--format parquet|webdataset] [--shard-size N]
     splitnet run CONFIG.yaml [key=value ...]      # the staged Ray pipeline; re-running resumes
 
@@ -60,22 +59,6 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    import os
-    from pathlib import Path
-
-    from pipelines.demo import DemoConfig, run_demo
-
-    if not (Path(args.data) / "train.npz").is_file():
-        raise UsageError(f"--data {args.data}: no train.npz there (expected the CIFAR-100 copy, e.g. ../shared/data/cifar100)")
-    cfg = DemoConfig(data=args.data, out=args.out, arch=args.arch, split=args.split, train_per_class=args.train_per_class,
-                     test_per_class=args.test_per_class, group_epochs=args.group_epochs,
-                     finetune_epochs=args.finetune_epochs, seed=args.seed)
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    run_demo(cfg, log=lambda line: print(line, flush=True))
-    return 0
-
-
 def cmd_prepare(args) -> int:
     from pipelines.data.prepare import PrepareError, prepare
 
@@ -127,18 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("demo", help="in-process group -> cut -> finetune -> evaluate on CIFAR-100 (CPU, minutes)")
-    p.add_argument("--data", default="../shared/data/cifar100", help="folder with CIFAR-100 train.npz / test.npz")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--arch", default="wrn-16-2")
-    p.add_argument("--split", default="2-2-2")
-    p.add_argument("--train-per-class", type=_positive_int, default=100)
-    p.add_argument("--test-per-class", type=_positive_int, default=20)
-    p.add_argument("--group-epochs", type=_positive_int, default=3)
-    p.add_argument("--finetune-epochs", type=_positive_int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
-
     p = sub.add_parser("prepare", help="convert CIFAR-100, an ImageFolder tree or per-synset tars into shuffled shards (Ray Data)")
     p.add_argument("source", help="CIFAR-100 folder (train.npz), ImageFolder root, or folder of nXXXXXXXX.tar")
     p.add_argument("--out", required=True, help="output folder (re-running resumes: finished shards are skipped)")
@@ -167,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        if args.command in ("plan", "demo"):
+        if args.command == "plan":
             _validate_model_args(args)
         return args.func(args)
     except (UsageError, SplitConfigError, ArtifactError, FileNotFoundError, BadRecordError) as e:

@@ -124,6 +124,19 @@ def _check_resources(cfg: PipelineConfig, log) -> None:
     raise PipelineError(short[0] + " (set scaling.autoscale=true on an autoscaling cluster to wait instead)")
 
 
+def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """Local relative paths made absolute on the driver: workers run in other folders."""
+    import dataclasses
+
+    def fix(path: str) -> str:
+        return path if not path or "://" in path or os.path.isabs(path) else os.path.abspath(path)
+
+    return dataclasses.replace(
+        cfg, run_dir=fix(cfg.run_dir),
+        data=dataclasses.replace(cfg.data, source=fix(cfg.data.source), shards=fix(cfg.data.shards)),
+        model=dataclasses.replace(cfg.model, pretrained=fix(cfg.model.pretrained)))
+
+
 def _check_source(cfg: PipelineConfig) -> None:
     source = cfg.data.source
     if "://" not in source and not os.path.exists(source) and not cfg.data.download:
@@ -248,8 +261,9 @@ def _download_cifar(root: str, log) -> None:
     os.makedirs(root, exist_ok=True)
     for split in ("train", "test"):
         data = load_cifar100(root, split, download=True)
+        coarse_names = data.coarse_names or [f"superclass-{i}" for i in range(int(data.coarse_labels.max()) + 1)]
         np.savez(os.path.join(root, f"{split}.npz"), x=data.images, fine=data.labels, coarse=data.coarse_labels,
-                 fine_names=np.array(data.class_names), coarse_names=np.array(data.coarse_names))
+                 fine_names=np.array(data.class_names, dtype=str), coarse_names=np.array(coarse_names, dtype=str))
     log(f"data: downloaded CIFAR-100 into {root}")
 
 
@@ -439,6 +453,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
     from .report import write_report
 
     t0 = time.perf_counter()
+    cfg = absolute_paths(cfg)
     _check_source(cfg)
     rd = RunDir(cfg.run_dir)
     state = _check_run_dir(rd, cfg, log)

@@ -220,6 +220,11 @@ def _setup(cfg: PipelineConfig):
     import ray.train
     import ray.train.torch
 
+    import logging
+    import os
+
+    # one progress line per epoch is ours; Ray Train's per-report INFO lines would drown it
+    logging.getLogger("ray.train").setLevel(os.environ.get("SPLITNET_TRAIN_LOG_LEVEL", "WARNING"))
     threads = cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     ctx = ray.train.get_context()

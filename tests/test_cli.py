@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import CIFAR, ROOT
+from conftest import ROOT
 
 
 def run(*args, timeout=300):
@@ -33,7 +33,8 @@ def test_plan_json():
     (["plan", "--arch", "wrn-16-8", "--split", "2-3-2", "--num-classes", "10"], "invalid split '2-3-2'"),
     (["plan", "--arch", "wrn-16-8", "--split", "2-2", "--num-classes", "0"], "--num-classes"),
     (["plan", "--arch", "wrn-16-8", "--num-classes", "10"], "--split"),
-    (["demo", "--data", "/nonexistent"], "no train.npz"),
+    (["prepare", "/nonexistent", "--out", "/tmp/x"], "/nonexistent"),
+    (["run"], "config"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2(args, fragment):
@@ -42,23 +43,3 @@ def test_bad_input_one_line_exit_2(args, fragment):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     assert "Traceback" not in r.stderr
-
-
-def test_demo_end_to_end_on_real_cifar(tmp_path):
-    """The README's main job, shrunk: real CIFAR-100 images, group -> cut -> finetune -> evaluate."""
-    assert (CIFAR / "train.npz").is_file(), f"CIFAR-100 copy expected at {CIFAR}"
-    out = tmp_path / "demo"
-    r = run("demo", "--data", str(CIFAR), "--out", str(out), "--arch", "wrn-10-1", "--split", "2-2-2",
-            "--train-per-class", "4", "--test-per-class", "2", "--group-epochs", "1", "--finetune-epochs", "1")
-    assert r.returncode == 0, r.stderr
-    assert "[group] epoch 1/1" in r.stdout and "[finetune] epoch 1/1" in r.stdout
-    report = json.loads((out / "report.json").read_text())
-    assert report["dense_grouped"]["images"] == 200
-    assert 0 < report["reduction"]["weights"] < 1
-    assert 0 <= report["semantic"]["purity"] <= 1 and "random_nmi_mean" in report["semantic"]
-    for name in report["pictures"].values():
-        assert (out / name).stat().st_size > 1000
-    from splitnet.artifacts import load_tree
-    tree = load_tree(out / "tree")
-    assert tree.num_classes == 100 and len(tree.subtrees) == 2
-    assert "superclass" in (out / "report.md").read_text() or "superclasses" in (out / "report.md").read_text()

@@ -116,11 +116,12 @@ def _assert_complete_run(run_dir: Path) -> dict:
     return state
 
 
-def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, tmp_path):
+def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, tmp_path, monkeypatch):
     from pipelines.run import run
 
+    monkeypatch.chdir(tmp_path)  # a relative run_dir, as in the shipped configs: workers run elsewhere
     run_dir = tmp_path / "run"
-    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", tiny(run_dir, tiny_cifar, group__epochs=3))
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", tiny("run", tiny_cifar, group__epochs=3))
     logs: list[str] = []
     outcome: dict = {}
 
@@ -159,7 +160,7 @@ def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, t
     # and another config in the same run dir is refused with the keys named
     from pipelines.run import PipelineError
 
-    other = load_config(ROOT / "pipelines/configs/demo.yaml", tiny(run_dir, tiny_cifar, group__epochs=4))
+    other = load_config(ROOT / "pipelines/configs/demo.yaml", tiny("run", tiny_cifar, group__epochs=4))
     with pytest.raises(PipelineError, match="group.epochs"):
         run(other, log=logs.append)
 
@@ -246,11 +247,15 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
     """`ray start --head`, then `ray job submit --working-dir . -- splitnet run ...` as the README says."""
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = _free_port(), _free_port()
-    env = _cli_env(RAY_AUTH_MODE="token")
+    # the cluster's processes see this environment's `splitnet` on PATH, as on a user's cluster image
+    env = _cli_env(RAY_AUTH_MODE="token", PATH=f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
+    import tempfile
+
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
-                             f"--temp-dir={tmp_path / 'ray'}"],
+                             f"--temp-dir={temp_dir}"],
                             cwd=tmp_path, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     run_dir = tmp_path / "run"
@@ -262,15 +267,30 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
 
         _wait_for(dashboard_up, "the head's job server", timeout=180, alive=lambda: head.poll() is None)
         overrides = tiny(run_dir, tiny_cifar, baseline__enabled="false", group__epochs=1)
-        r = subprocess.run([str(ray_bin), "job", "submit", "--working-dir", str(ROOT), "--",
-                            "python", "-m", "pipelines.cli", "run", "pipelines/configs/demo.yaml", *overrides],
-                           cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "succeeded" in (r.stdout + r.stderr).lower()
-        assert "ray: connected to" in r.stdout  # the job joined the cluster instead of starting its own
+        job_id = f"splitnet-test-{os.getpid()}"
+        submit = [str(ray_bin), "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
+                  "splitnet", "run", "pipelines/configs/demo.yaml", *overrides]
+
+        def submitted():  # the head's job agent comes up a little after its HTTP server
+            r = subprocess.run(submit, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0 or "No available agent" in r.stderr, r.stderr[-2000:]
+            return r.returncode == 0
+
+        _wait_for(submitted, "the job to be accepted", timeout=180, alive=lambda: head.poll() is None)
+        logs = subprocess.run([str(ray_bin), "job", "logs", "--follow", job_id], env=job_env, capture_output=True,
+                              text=True, timeout=900)
+        status = subprocess.run([str(ray_bin), "job", "status", job_id], env=job_env, capture_output=True, text=True,
+                                timeout=60)
+        assert "succeeded" in (status.stdout + status.stderr).lower(), logs.stdout[-3000:] + status.stdout + status.stderr
+        assert "ray: connected to" in logs.stdout  # the job joined the cluster instead of starting its own
+        assert "[finetune] epoch 1/1" in logs.stdout and "done in" in logs.stdout
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # --block: the head's reaper stops every process it started
+            head.wait(timeout=60)
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
     state = json.loads((run_dir / "state.json").read_text())
     assert state["stages"]["report"]["status"] == "done"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_dir"] == str(run_dir)
@@ -294,3 +314,30 @@ def test_missing_source_is_one_line_before_ray_starts(tmp_path):
     assert r.stderr.strip().splitlines() == [f"splitnet: error: data.source: {tmp_path / 'nope'}: no such folder "
                                              "(set data.source, or data.download=true to fetch CIFAR-100 with "
                                              "torchvision when online)"]
+
+
+def test_download_fallback_writes_the_npz_layout(tmp_path, monkeypatch):
+    """Users online without a copy: torchvision's downloader (faked here: these machines are
+    offline), then the same .npz layout as the shared copy, readable without pickle."""
+    import numpy as np
+    import torchvision.datasets
+
+    from pipelines.data.sources import list_source
+    from pipelines.run import _download_cifar
+
+    class FakeCIFAR100:
+        def __init__(self, root, train, download):
+            assert download
+            n = 30 if train else 10
+            self.data = np.random.default_rng(0).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+            self.targets = [i % 100 for i in range(n)]
+            self.classes = [f"class{i}" for i in range(100)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
+    lines = []
+    _download_cifar(str(tmp_path / "cifar"), lines.append)
+    src = list_source(tmp_path / "cifar")
+    assert src.kind == "cifar100" and len(src.items["train"]) == 30 and len(src.items["test"]) == 10
+    assert src.classes[:2] == ["class0", "class1"] and src.parents[0].startswith("superclass-")
+    with np.load(tmp_path / "cifar" / "train.npz", allow_pickle=False) as d:
+        assert d["x"].shape == (30, 32, 32, 3)

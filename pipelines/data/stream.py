@@ -236,11 +236,15 @@ def block_bytes(target_block_mb: float, batch_size: int, decode: DecodeConfig) -
     a batch of 256 decodes to 38 MB; cut into 4 MiB blocks it became ~10 objects per batch, and
     the extra object-store traffic (raylet) plus the consumer re-assembling batches cost ~0.5 ms
     CPU per image (2.4 vs 1.9 ms all told, measured on 2 cores), more than the DataLoader baseline
-    spends. Read blocks may then grow to the same size (of encoded images: ~400 ImageNet JPEGs),
-    still well below Ray's 128 MiB default.
+    spends. Read blocks may then grow to the same size (at 224 px / 256 a batch: 27 MiB of
+    encoded images, ~250 ImageNet JPEGs), still well below Ray's 128 MiB default.
     """
+    from ray.data.context import MAX_SAFE_BLOCK_SIZE_FACTOR  # Ray cuts a block only past target x this (1.5)
+
     decoded = batch_size * decode.image_size * decode.image_size * 3
-    return int(max(target_block_mb * 2**20, decoded * 1.25 + 2**20))
+    # the smallest target that leaves a decoded batch whole: larger blocks would only make every
+    # reader and consumer hold more (the driver-RSS bound in tests/test_data.py)
+    return int(max(target_block_mb * 2**20, decoded / MAX_SAFE_BLOCK_SIZE_FACTOR + 2**20))
 
 
 def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_fraction: float = 0.0,

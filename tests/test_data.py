@@ -240,7 +240,8 @@ def test_streaming_more_bytes_than_the_object_store(ray_cluster, tmp_path):
     # the consumer holds a few blocks at a time (mapped from the object store), never the dataset
     assert grown < capacity, f"driver RSS grew {grown / 2**20:.0f} MiB for {shard_bytes / 2**20:.0f} MiB streamed"
     from ray._private.internal_api import memory_summary
-    spilled = [line for line in memory_summary(stats_only=True).splitlines() if line.startswith("Spilled")]
+    summary = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)  # this cluster, by address
+    spilled = [line for line in summary.splitlines() if line.startswith("Spilled")]
     assert not spilled, spilled
 
 

@@ -339,3 +339,22 @@ def test_download_fallback_writes_the_npz_layout(tmp_path, monkeypatch):
     assert src.classes[:2] == ["class0", "class1"] and src.parents[0].startswith("superclass-")
     with np.load(tmp_path / "cifar" / "train.npz", allow_pickle=False) as d:
         assert d["x"].shape == (30, 32, 32, 3)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset"])
+def test_record_count_from_prepare_markers_or_the_shards(ray_cluster, tmp_path, fmt):
+    """Steps per epoch come from the record count: prepare's per-shard markers when present (no
+    shard read), else the shards themselves (user-made shards) — the same number either way."""
+    from datagen import MAX_PIXELS, make_imagefolder
+
+    from pipelines.data.prepare import prepare
+    from pipelines.run import _count_records
+
+    make_imagefolder(tmp_path / "src", per_class=5, with_bad=True)
+    out = tmp_path / "shards"
+    summary = prepare(str(tmp_path / "src"), str(out), fmt=fmt, shard_size=4, max_pixels=MAX_PIXELS, log=lambda _: None)
+    from_markers = _count_records(str(out), "train")
+    assert from_markers == summary["images"] > 0
+    for marker in out.glob("*.done.json"):
+        marker.unlink()
+    assert _count_records(str(out), "train") == from_markers

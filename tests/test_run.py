@@ -251,9 +251,14 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
     import tempfile
 
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # every port of its own: the test session's cluster already holds Ray's defaults (e.g. the
+    # dashboard agent's 52365), and a head whose job agent cannot bind never accepts a job
+    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port",
+                                                     "node-manager-port", "object-manager-port")]
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
-                             f"--temp-dir={temp_dir}"],
+                             f"--temp-dir={temp_dir}", *ports],
                             cwd=tmp_path, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     run_dir = tmp_path / "run"
@@ -274,7 +279,7 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
             assert r.returncode == 0 or "No available agent" in r.stderr, r.stderr[-2000:]
             return r.returncode == 0
 
-        _wait_for(submitted, "the job to be accepted", timeout=180, alive=lambda: head.poll() is None)
+        _wait_for(submitted, "the job to be accepted", timeout=300, alive=lambda: head.poll() is None)
         logs = subprocess.run([str(ray_bin), "job", "logs", "--follow", job_id], env=job_env, capture_output=True,
                               text=True, timeout=900)
         status = subprocess.run([str(ray_bin), "job", "status", job_id], env=job_env, capture_output=True, text=True,

@@ -22,7 +22,7 @@ from typing import Callable
 
 import yaml
 
-from .config import ConfigError, PipelineConfig, differences, from_dict, to_dict
+from .config import PipelineConfig, differences, from_dict, to_dict
 from .rundir import RunDir
 
 STAGES = ("prepare", "baseline", "group", "cut", "finetune", "evaluate", "report")

@@ -41,11 +41,12 @@ def say(line: str) -> None:
 
 # ---- model and optimizer state, without pickle --------------------------------------------
 
-def save_state(module: torch.nn.Module, path: Path) -> None:
+def save_state(module_or_state, path: Path) -> None:
+    """A module's state dict (or a state dict) as safetensors."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(path))
+    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
 
 
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -335,15 +336,9 @@ def train_loop(config: dict) -> None:
 def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, progress: dict) -> None:
     if stage in ("baseline", "group"):
         with rd.staging(stage) as d:
-            state_model = model
-            if stage == "baseline":
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous().cpu() for k, v in model.backbone_state_dict().items()},
-                          str(d / "model.safetensors"))
-            else:
-                save_state(state_model, d / "model.safetensors")
-            (d / "result.json").write_text(json.dumps({k: progress.get(k, []) for k in ("history", "resumed", "workers")}))
+            # the baseline is a dense backbone (loadable as torchvision weights); group keeps its assignments
+            save_state(model.backbone_state_dict() if stage == "baseline" else model, d / "model.safetensors")
+            _write_result(d, progress)
         return
     # finetune: the tree to serve, with the dense model's counts carried over from the cut
     from splitnet.artifacts import read_manifest
@@ -354,7 +349,12 @@ def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, prog
     dense = manifest["counts"].get("dense")
     with rd.staging("tree") as d:
         model.cpu().save(d, input_size=manifest["input_size"], dense_cost=dense)
-        (d / "result.json").write_text(json.dumps({k: progress.get(k, []) for k in ("history", "resumed", "workers")}))
+        _write_result(d, progress)
+
+
+def _write_result(directory: Path, progress: dict) -> None:
+    """``result.json``: what the driver records for the stage (history, resumptions, workers)."""
+    (directory / "result.json").write_text(json.dumps({k: progress.get(k, []) for k in ("history", "resumed", "workers")}))
 
 
 # ---- evaluation ---------------------------------------------------------------------------

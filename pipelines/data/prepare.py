@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .records import DEFAULT_MAX_PIXELS, BadRecord, BadRecordError, _Bad, open_image
+from .records import DEFAULT_MAX_PIXELS, BadRecord, BadRecordError, BadImage, open_image
 from .sources import Item, list_source, read_item, write_class_table, write_parquet_shard, write_webdataset_shard
 
 FORMATS = ("parquet", "webdataset")
@@ -34,15 +34,15 @@ def _check_header(data: bytes, max_pixels: int) -> None:
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        raise _Bad("empty", "zero bytes")
+        raise BadImage("empty", "zero bytes")
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.width * im.height > max_pixels:
-                raise _Bad("too_large", f"{im.width}x{im.height} > {max_pixels} pixels")
+                raise BadImage("too_large", f"{im.width}x{im.height} > {max_pixels} pixels")
     except UnidentifiedImageError:
-        raise _Bad("not_image", f"{len(data)} bytes Pillow cannot identify") from None
+        raise BadImage("not_image", f"{len(data)} bytes Pillow cannot identify") from None
     except Image.DecompressionBombError as e:
-        raise _Bad("too_large", str(e)) from None
+        raise BadImage("too_large", str(e)) from None
 
 
 def write_shard(row: dict, fmt: str, validate: str, on_bad_record: str, max_pixels: int,
@@ -65,7 +65,7 @@ def write_shard(row: dict, fmt: str, validate: str, on_bad_record: str, max_pixe
                 open_image(data, max_pixels)
             elif validate == "header":
                 _check_header(data, max_pixels)
-        except _Bad as e:
+        except BadImage as e:
             if on_bad_record == "fail":
                 raise BadRecordError(f"bad record in source {item.ref}: key {item.key}: {e.kind} ({e.detail})") from None
             bad.append(BadRecord(e.kind, item.key, os.path.basename(path), e.detail).as_dict())

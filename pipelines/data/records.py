@@ -48,34 +48,41 @@ class BadRecord:
                 "action": "converted" if self.kind == "converted" else "skipped"}
 
 
-class _Bad(Exception):
+class BadImage(Exception):
+    """An image that cannot be used; ``kind`` is one of the table above (``empty``, ``not_image``,
+    ``truncated``, ``too_large``, ...), ``detail`` says what was seen."""
+
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(detail)
         self.kind, self.detail = kind, detail
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: frozenset[str] | None = None
+               ) -> tuple[Image.Image, str | None]:
     """Bytes -> an RGB Pillow image (loaded), and the original mode when it had to be converted.
 
-    Raises _Bad(kind) for empty, unidentifiable, truncated and oversized images. The pixel count
-    is checked from the header, before any pixel is decoded.
+    Raises BadImage(kind) for empty, unidentifiable, truncated and oversized images, and
+    (``unsupported_format``) for a format outside ``formats`` (Pillow names: "JPEG", "PNG", ...)
+    when given. The pixel count is checked from the header, before any pixel is decoded.
     """
     if data is None or len(data) == 0:
-        raise _Bad("empty", "zero bytes")
+        raise BadImage("empty", "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise _Bad("not_image", f"{len(data)} bytes Pillow cannot identify") from None
+        raise BadImage("not_image", f"{len(data)} bytes Pillow cannot identify") from None
     except Image.DecompressionBombError as e:
-        raise _Bad("too_large", str(e)) from None
+        raise BadImage("too_large", str(e)) from None
+    if formats is not None and im.format not in formats:
+        raise BadImage("unsupported_format", f"{im.format} image; accepted: {', '.join(sorted(formats))}")
     if im.width * im.height > max_pixels:
-        raise _Bad("too_large", f"{im.width}x{im.height} > {max_pixels} pixels")
+        raise BadImage("too_large", f"{im.width}x{im.height} > {max_pixels} pixels")
     try:
         im.load()
     except (OSError, SyntaxError, ValueError) as e:
-        raise _Bad("truncated", str(e)[:200]) from None
+        raise BadImage("truncated", str(e)[:200]) from None
     converted = None
     if im.mode != "RGB":
         converted = im.mode
@@ -129,6 +136,17 @@ def random_resized_crop(im: Image.Image, size: int, rng: np.random.Generator, sc
     return out
 
 
+def eval_transform(im: Image.Image, size: int) -> np.ndarray:
+    """The evaluation-time view of an image, uint8 [size, size, 3]: CIFAR-sized inputs (<= 64) are
+    resized to size x size, larger ones resized and center-cropped. Training's eval split and
+    serving both use this, so a served prediction sees what evaluation saw."""
+    if size <= 64:
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im)
+    return np.asarray(center_crop(im, size))
+
+
 def center_crop(im: Image.Image, size: int, crop_fraction: float = 0.875) -> Image.Image:
     """Resize the shorter side to size/crop_fraction, then take the central size x size crop."""
     width, height = im.size
@@ -174,29 +192,25 @@ def decode_batch(keys, images, labels, shards, cfg: DecodeConfig, rng: np.random
         key, shard = str(key), str(shard)
         try:
             if label is None or (isinstance(label, float) and np.isnan(label)):
-                raise _Bad("missing_label", "no label")
+                raise BadImage("missing_label", "no label")
             label = int(label)
             if label < 0 or (cfg.num_classes is not None and label >= cfg.num_classes):
-                raise _Bad("missing_label", f"label {label} outside [0, {cfg.num_classes})")
+                raise BadImage("missing_label", f"label {label} outside [0, {cfg.num_classes})")
             im, converted = open_image(data, cfg.max_pixels)
             if converted is not None:
                 if cfg.on_odd_mode == "skip":
-                    raise _Bad("converted", f"mode {converted}")
+                    raise BadImage("converted", f"mode {converted}")
                 bad.append(BadRecord("converted", key, shard, f"mode {converted} -> RGB"))
-        except _Bad as e:
+        except BadImage as e:
             record = BadRecord(e.kind, key, shard, e.detail)
             if cfg.on_bad_record == "fail":
                 raise BadRecordError(f"bad record in shard {shard}: key {key}: {e.kind} ({e.detail})") from None
             bad.append(record)
             continue
-        if small:
-            if im.size != (cfg.image_size, cfg.image_size):
-                im = im.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
-            out.append(np.asarray(im))
-        elif cfg.train:
+        if cfg.train and not small:
             out.append(np.asarray(random_resized_crop(im, cfg.image_size, rng)))
-        else:
-            out.append(np.asarray(center_crop(im, cfg.image_size)))
+        else:  # small training images are resized here and padded/cropped/flipped below
+            out.append(eval_transform(im, cfg.image_size))
         out_labels.append(label)
     size = cfg.image_size
     pixels = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)

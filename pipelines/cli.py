@@ -3,6 +3,8 @@
     splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100 [--json]
     splitnet prepare SOURCE --out DIR [--format parquet|webdataset] [--shard-size N]
     splitnet run CONFIG.yaml [key=value ...]      # the staged Ray pipeline; re-running resumes
+    splitnet serve RUN_DIR [--subtree-replicas 1=3 ...] [--port 8000]   # the tree on Ray Serve, over HTTP
+    splitnet serve-config RUN_DIR [...] > serve.yaml                    # the same, for `serve deploy`
 
 Bad input prints one line naming the problem and exits with status 2.
 """
@@ -98,6 +100,95 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _deploy_options(args):
+    from pipelines.serve.deploy import DeployError, DeployOptions, parse_replicas
+
+    try:
+        return DeployOptions(
+            app_name=args.name, host=args.host, port=args.port, route_prefix=args.route_prefix,
+            trunk_replicas=args.trunk_replicas,
+            subtree_replicas=parse_replicas(args.subtree_replicas),
+            autoscale_max=parse_replicas(args.autoscale_max, "--autoscale-max"),
+            trunk_cpus=args.trunk_cpus, trunk_gpus=args.trunk_gpus, subtree_cpus=args.subtree_cpus, subtree_gpus=args.subtree_gpus,
+            device=args.device, amp=args.amp, torch_threads=args.torch_threads,
+            working_dir=getattr(args, "working_dir", None))
+    except DeployError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_serve_config(args) -> int:
+    from pipelines.serve.deploy import DeployError, dump_config, serve_config
+
+    try:
+        config = serve_config(args.tree, _deploy_options(args))
+    except DeployError as e:
+        raise UsageError(str(e)) from None
+    print(dump_config(config, args.tree), end="")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os
+    import signal
+    import time
+
+    from pipelines.serve.deploy import DeployError, deploy, serve_config
+
+    try:
+        config = serve_config(args.tree, _deploy_options(args))
+    except DeployError as e:
+        raise UsageError(str(e)) from None
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        url = deploy(config)
+    except DeployError as e:
+        raise UsageError(str(e)) from None
+    app = config["applications"][0]
+    print(f"serving {config['applications'][0]['args']['tree']} at {url}", flush=True)
+    for d in app["deployments"]:
+        scale = d.get("num_replicas") or f"autoscaling {d['autoscaling_config']['min_replicas']}-" \
+                                           f"{d['autoscaling_config']['max_replicas']}"
+        print(f"  {d['name']}: {scale} replica(s), {d['ray_actor_options']}", flush=True)
+    print(f"try: curl -s -H 'Content-Type: image/jpeg' --data-binary @image.jpg {url}/predict", flush=True)
+    if address:  # the app stays on the cluster; `serve shutdown` or `serve delete` removes it
+        return 0
+    print("local Ray: serving until Ctrl-C", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    from ray import serve
+
+    serve.shutdown()
+    return 0
+
+
+def _add_deploy_arguments(p) -> None:
+    p.add_argument("tree", help="a run dir (serves its tree/) or a tree dir; local path or s3://-style URI")
+    p.add_argument("--subtree-replicas", action="append", default=[], metavar="G=N",
+                   help="replicas of subtree G (default 1); repeat for several subtrees")
+    p.add_argument("--autoscale-max", action="append", default=[], metavar="G=N",
+                   help="autoscale subtree G between its replicas and N")
+    p.add_argument("--trunk-replicas", type=_positive_int, default=1)
+    p.add_argument("--trunk-cpus", type=float, default=0.5, help="CPUs per trunk replica")
+    p.add_argument("--trunk-gpus", type=float, default=0.0, help="GPUs per trunk replica")
+    p.add_argument("--subtree-cpus", type=float, default=0.25, help="CPUs per subtree replica")
+    p.add_argument("--subtree-gpus", type=float, default=0.0, help="GPUs per subtree replica (fractions share a GPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast on GPU replicas")
+    p.add_argument("--torch-threads", type=_positive_int, default=1, help="torch threads per replica")
+    p.add_argument("--name", default="splitnet", help="Serve application name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--route-prefix", default="/", help="URL prefix of the app (several apps share one HTTP port)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="splitnet", description="SplitNet: learn to split a classifier into a tree; train, cut, serve.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -128,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. group.epochs=5 run_dir=runs/x")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="deploy the tree on Ray Serve: a trunk deployment + one per subtree, over HTTP")
+    _add_deploy_arguments(p)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to deploy on (default $RAY_ADDRESS; none: start a local Ray and serve until Ctrl-C)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-config", help="print the Serve config for `serve deploy` (same app as `splitnet serve`)")
+    _add_deploy_arguments(p)
+    p.add_argument("--working-dir", default=None, help="runtime_env working_dir URI for the app (e.g. local:///srv/app "
+                                                       "or https://.../project.zip); default: the installed package")
+    p.set_defaults(func=cmd_serve_config)
     return parser
 
 

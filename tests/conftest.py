@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,27 @@ def randomize(model, seed: int = 0):
     return model
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RAY_PORTS: dict[str, int] = {}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session (starting Ray costs 5-8 s)."""
+    """One local Ray for the whole session (starting Ray costs 5-8 s). The dashboard is on (the
+    `serve deploy` REST API lives there) and so is the Prometheus endpoint; their ports are free
+    ones, recorded in RAY_PORTS, so another Ray on the machine cannot collide with them."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
+    RAY_PORTS.update(dashboard=free_port(), metrics=free_port())
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=RAY_PORTS["dashboard"], _metrics_export_port=RAY_PORTS["metrics"], log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False

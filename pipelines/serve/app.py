@@ -1,0 +1,482 @@
+"""The cut tree on Ray Serve: an ingress deployment that runs the trunk, and one deployment per
+subtree (``subtree-0``, ``subtree-1``, ...), each on its own replicas and loading only its own
+weights.
+
+    client --HTTP--> trunk (ingress: parse, decode, trunk forward, batched)
+                       |--handle--> subtree-0 (batched) --\\
+                       |--handle--> subtree-1 (batched) ---+--> logits of its classes
+                       '--handle--> subtree-G-1        ---/
+                     <- one softmax over the classes asked about, in the original class order
+
+``build(args)`` is the application builder that ``serve deploy`` and ``splitnet serve`` both
+use (``import_path: pipelines.serve.app:build``). ``args``: ``tree`` (a run dir or tree dir,
+local path or ``s3://``-style URI; required), ``mode`` (``fanout``, the default; ``local``: the
+whole tree in the ingress; ``dense``: a dense model from ``dense_weights`` — the last two are the
+benchmark's baselines), ``device`` (``auto``/``cpu``/``cuda``), ``amp`` (``bf16`` autocast on
+GPU), ``torch_threads``. Per-request limits, batching and retries are ``user_config`` of the
+deployments: changing them re-configures running replicas without restarting them.
+"""
+# No `from __future__ import annotations` here: FastAPI reads the route signatures (Request), and
+# @serve.ingress keeps only the globals the code names, so string annotations would not resolve.
+import asyncio
+import logging
+import os
+import posixpath
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.data.records import to_float_tensor
+from pipelines.serve.inputs import Limits, RequestError, decode_images, parse_predict, resolve_classes
+
+log = logging.getLogger("ray.serve")
+MODES = ("fanout", "local", "dense")
+LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+
+
+# -- where the tree lives ------------------------------------------------------------------------
+def tree_location(location: str) -> str:
+    """A run dir (holding ``tree/``) or a tree dir -> the tree dir, local path or URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in location:
+        fs, root = pafs.FileSystem.from_uri(location)
+        if fs.get_file_info(posixpath.join(root, "manifest.yaml")).type == pafs.FileType.File:
+            return location
+        if fs.get_file_info(posixpath.join(root, "tree", "manifest.yaml")).type == pafs.FileType.File:
+            return location.rstrip("/") + "/tree"
+    else:
+        path = Path(location).expanduser().resolve()
+        if (path / "manifest.yaml").is_file():
+            return str(path)
+        if (path / "tree" / "manifest.yaml").is_file():
+            return str(path / "tree")
+    raise FileNotFoundError(f"{location}: neither a tree directory (manifest.yaml) nor a run directory with tree/ "
+                            "(has `splitnet run` finished its finetune stage?)")
+
+
+def fetch_tree(location: str, files: list[str]) -> str:
+    """A local directory holding ``manifest.yaml`` and ``files`` of the tree at ``location``: the
+    directory itself when local, else a private copy of just those files (a subtree replica of
+    ImageNet-22K's tree downloads its own weights, not the others')."""
+    if "://" not in location:
+        return location
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(location)
+    local = tempfile.mkdtemp(prefix="splitnet-tree-")
+    for name in ["manifest.yaml", *files]:
+        pafs.copy_files(posixpath.join(root, name), os.path.join(local, name), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def _manifest(tree: str) -> dict:
+    if "://" not in tree:
+        from splitnet.artifacts import read_manifest
+
+        return read_manifest(tree)
+    import yaml
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(tree)
+    with fs.open_input_stream(posixpath.join(root, "manifest.yaml")) as f:
+        return yaml.safe_load(f.read())
+
+
+class _NotAssigned(Exception):
+    """No replica took a handle call in time."""
+
+
+async def _call_assigned(method, args: tuple, assign_timeout_s: float):
+    """``await method.remote(*args)``, but give up after ``assign_timeout_s`` if no replica has
+    taken the call: Serve's router otherwise holds a call while a deployment has no live replica
+    (all of them restarting), and the HTTP client would wait the whole restart."""
+    response = method.remote(*args)
+    assigned = getattr(response, "_fetch_future_result_async", None)  # DeploymentResponse, Ray 2.60
+    if assigned is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(assigned()), assign_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise _NotAssigned() from None
+    return await response
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> the GPU Ray gave this replica, else CPU."""
+    if device == "auto":
+        import ray
+
+        return torch.device("cuda") if torch.cuda.is_available() and ray.get_gpu_ids() else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but this replica sees no GPU "
+                           "(give the deployment ray_actor_options.num_gpus on a node with GPUs)")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _images_in(items: list) -> int:
+    return sum(len(x) for x in items)
+
+
+# -- a subtree -----------------------------------------------------------------------------------
+@serve.deployment(name="subtree", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+class Subtree:
+    """Subtree ``index``: trunk features [B, C, H, W] -> logits [B, n_g] of its classes.
+
+    Requests are batched (``@serve.batch``, counted in images). Each replica reads the manifest and
+    ``subtree-<index>.safetensors`` only."""
+
+    def __init__(self, tree: str, index: int, device: str = "auto", amp: str | None = None, torch_threads: int = 1):
+        from ray.serve.metrics import Counter, Histogram
+
+        from splitnet.artifacts import load_subtree
+
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.name = f"subtree-{index}"
+        self.device, self.amp = pick_device(device), amp
+        self.served = 0  # requests answered by this replica
+        local = fetch_tree(tree, [f"subtree-{index}.safetensors"])
+        self.module, self.entry = load_subtree(local, index, self.device)
+        self.requests = Counter("splitnet_subtree_requests", description="requests answered by a subtree",
+                                tag_keys=("subtree",))
+        self.images = Counter("splitnet_subtree_images", description="images scored by a subtree", tag_keys=("subtree",))
+        self.latency = Histogram("splitnet_subtree_latency_ms", description="subtree batch compute time (ms)",
+                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("subtree",))
+        for metric in (self.requests, self.images, self.latency):
+            metric.set_default_tags({"subtree": self.name})
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config: ``max_batch_images``, ``batch_wait_timeout_s`` (no restart needed)."""
+        self.logits.set_max_batch_size(int(config.get("max_batch_images", 256)))
+        self.logits.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=_images_in)
+    async def logits(self, features: list[np.ndarray]) -> list[np.ndarray]:
+        sizes = [len(f) for f in features]
+        start = time.perf_counter()
+        out = await asyncio.to_thread(self._forward, np.concatenate(features))
+        self.latency.observe(1000 * (time.perf_counter() - start))
+        self.served += len(sizes)
+        self.requests.inc(len(sizes))
+        self.images.inc(sum(sizes))
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    @torch.inference_mode()
+    def _forward(self, features: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(features).to(self.device, non_blocking=True)
+        with _autocast(self.device, self.amp):
+            return self.module(x).float().cpu().numpy()
+
+    def info(self) -> dict:
+        """Who answers: for health probes and for tests that check which replica survived what."""
+        return {"subtree": self.name, "pid": os.getpid(), "device": str(self.device),
+                "classes": len(self.entry["classes"]), "requests_served": self.served}
+
+
+# -- the ingress ---------------------------------------------------------------------------------
+api = FastAPI(title="SplitNet tree", description="POST /predict, GET /metadata, GET /healthz")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):  # 404 / 405 as {"error"}
+    return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"}, status_code=exc.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+class SubtreeUnavailable(Exception):
+    """No replica of a subtree answers (it is restarting): 503 with the reason."""
+
+
+class _Model:
+    """What the ingress runs on a batch of images, in one of three modes. ``forward(x)`` runs in a
+    worker thread on the batch; ``finish(out, subtrees)`` runs per request and returns (class ids
+    scored, logits [n, k])."""
+
+    def __init__(self, mode: str, local_tree: str, manifest: dict, device: torch.device, amp, dense_weights=None):
+        from splitnet.artifacts import load_tree, load_trunk
+
+        self.mode, self.device, self.amp = mode, device, amp
+        if mode == "fanout":
+            self.net, _ = load_trunk(local_tree, device)
+        elif mode == "local":
+            self.net = load_tree(local_tree, device)
+        else:
+            from splitnet.models import build_model
+
+            from pipelines.stages import load_state_file
+
+            if not dense_weights:
+                raise ValueError("mode 'dense' needs dense_weights (a model.safetensors of the dense model)")
+            net = build_model(manifest["arch"], int(manifest["num_classes"]), manifest["split"])
+            net.load_state_dict(load_state_file(dense_weights))
+            self.net = net.to(device).eval()
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        with _autocast(self.device, self.amp):
+            return self.net(x.to(self.device, non_blocking=True)).float().cpu().numpy()
+
+
+# NOTE: @serve.ingress snapshots the module's globals when the class is defined: every module-level
+# name the class uses must be defined above this line.
+@serve.deployment(name="trunk", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(api)
+class TreeIngress:
+    """HTTP in front of the tree: ``POST /predict``, ``GET /metadata``, ``GET /healthz``."""
+
+    def __init__(self, tree: str, subtrees: list[DeploymentHandle] | None = None, mode: str = "fanout",
+                 device: str = "auto", amp: str | None = None, torch_threads: int = 1, dense_weights: str | None = None):
+        from ray.serve.metrics import Counter, Histogram
+
+        from splitnet.artifacts import read_manifest
+
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.mode = mode
+        self.device = pick_device(device)
+        manifest = _manifest(tree)
+        files = [manifest["trunk"]["file"]]
+        if mode == "local":
+            files += [entry["file"] for entry in manifest["subtrees"]]
+        local = fetch_tree(tree, files)
+        self.manifest = read_manifest(local)
+        m = self.manifest
+        self.class_names = list(m["class_names"])
+        self.class_to_group = list(m["class_to_group"])
+        self.subtree_classes = [np.asarray(s["classes"], dtype=np.int64) for s in m["subtrees"]]
+        self.class_to_subtree = np.empty(len(self.class_names), dtype=np.int64)
+        for g, classes in enumerate(self.subtree_classes):
+            self.class_to_subtree[classes] = g
+        info = m.get("info") or {}
+        self.size = int(m["input_size"])
+        self.mean, self.std = info.get("mean", (0.5, 0.5, 0.5)), info.get("std", (0.25, 0.25, 0.25))
+        self.model = _Model(mode, local, m, self.device, amp, dense_weights)
+        # _by_reference=False: trunk -> subtree calls go replica to replica over gRPC instead of
+        # through Ray's actor-task path and object store (the features of one image are ~128 KB,
+        # over Ray's inline limit). Measured on 2 CPUs: p50 at concurrency 1 25.2 -> 19.6 ms,
+        # throughput at concurrency 32 48.9 -> 85.1 req/s (benchmarks/serve_latency.py).
+        self.handles = [h.options(_by_reference=False) for h in subtrees or []]
+        if mode == "fanout" and len(self.handles) != len(m["subtrees"]):
+            raise ValueError(f"the tree has {len(m['subtrees'])} subtrees, the app passed {len(self.handles)} handles")
+        self.down: dict[int, str] = {}          # subtree -> why it is unavailable
+        self._probes: dict[int, asyncio.Task] = {}
+        self.requests = Counter("splitnet_requests", description="HTTP requests by route and status",
+                                tag_keys=("route", "status"))
+        self.latency = Histogram("splitnet_request_latency_ms", description="/predict latency in the ingress (ms)",
+                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
+        self.reconfigure({})
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config: ``limits`` (see :class:`Limits`), ``max_batch_images``,
+        ``batch_wait_timeout_s``, ``retries`` (subtree calls whose replica died) and
+        ``assign_timeout_s`` (how long a subtree call may wait for a replica to take it before the
+        subtree counts as unavailable). Applied to running replicas, no restart."""
+        config = dict(config or {})
+        self.limits = Limits(**(config.get("limits") or {}))
+        self.retries = int(config.get("retries", 3))
+        self.assign_timeout_s = float(config.get("assign_timeout_s", 2.0))
+        self._batched.set_max_batch_size(max(int(config.get("max_batch_images", 64)), self.limits.max_images))
+        self._batched.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+
+    # -- routes ----------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        subtrees = {f"subtree-{g}": ("unavailable: " + self.down[g]) if g in self.down else "ok"
+                    for g in range(len(self.subtree_classes))}
+        status = "ok" if not self.down else "degraded"
+        return JSONResponse({"status": status, "mode": self.mode, "subtrees": subtrees})
+
+    @api.get("/metadata")
+    async def metadata(self) -> JSONResponse:
+        m = self.manifest
+        groups = [{"group": k["group"], "subtree": f"subtree-{k['subtree']}", "classes": k["classes"]} for k in m["groups"]]
+        classes = [{"index": c, "name": name, "group": self.class_to_group[c],
+                    "subtree": f"subtree-{int(self.class_to_subtree[c])}"} for c, name in enumerate(self.class_names)]
+        subtrees = [{"name": s["name"], "classes": len(s["classes"]), "params": s.get("params"),
+                     "flops": s.get("flops"), "weight_bytes": s.get("file_bytes")} for s in m["subtrees"]]
+        return JSONResponse({"arch": m["arch"], "split": m["split"], "num_classes": m["num_classes"],
+                             "input_size": m["input_size"], "mode": self.mode, "classes": classes, "groups": groups,
+                             "trunk": {"params": m["trunk"].get("params"), "flops": m["trunk"].get("flops"),
+                                       "weight_bytes": m["trunk"].get("file_bytes")},
+                             "subtrees": subtrees, "counts": m.get("counts", {}),
+                             "limits": vars(self.limits)})
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        try:
+            body = await self._read_body(request)
+            answer = await self._predict(body, request.headers.get("content-type"), dict(request.query_params))
+            status, payload = 200, answer
+        except RequestError as e:
+            status, payload = e.status, {"error": e.message}
+        except SubtreeUnavailable as e:
+            status, payload = 503, {"error": str(e)}
+        self.requests.inc(tags={"route": "/predict", "status": str(status)})
+        self.latency.observe(1000 * (time.perf_counter() - start), tags={"route": "/predict"})
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse(payload, status_code=status, headers=headers)
+
+    # -- the work --------------------------------------------------------------------------------
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused as soon as it passes the byte limit (a declared Content-Length over
+        it is refused before reading anything)."""
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _predict(self, body: bytes, content_type: str | None, query: dict) -> dict:
+        req = parse_predict(body, content_type, query, self.limits)
+        wanted = resolve_classes(req, self.class_names, self.class_to_group)
+        top_k = min(req.top_k, self.limits.max_top_k)
+        pixels = await asyncio.to_thread(decode_images, req, self.size, self.limits)
+        x = to_float_tensor(pixels, self.mean, self.std)
+        out = await self._batched(x)
+        if self.mode == "fanout":
+            needed = (sorted(set(self.class_to_subtree[wanted].tolist())) if wanted is not None
+                      else list(range(len(self.handles))))
+            parts = await asyncio.gather(*(self._call_subtree(g, out) for g in needed))
+            classes = np.concatenate([self.subtree_classes[g] for g in needed])
+            logits = np.concatenate(parts, axis=1)
+        else:  # the whole tree / the dense model ran in-process: logits of every class, class order
+            needed = sorted(set(self.class_to_subtree[wanted].tolist())) if wanted is not None else \
+                list(range(len(self.subtree_classes)))
+            classes, logits = np.arange(len(self.class_names)), out
+        order = np.argsort(classes, kind="stable")  # back to the original class order
+        classes, logits = classes[order], logits[:, order]
+        if wanted is not None:
+            keep = np.searchsorted(classes, wanted)
+            classes, logits = classes[keep], logits[:, keep]
+        return self._answer(classes, logits, top_k, req.probabilities, needed, wanted is not None)
+
+    def _answer(self, classes, logits, top_k, with_probabilities, needed, filtered) -> dict:
+        logits = logits.astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, len(classes))
+        predictions = []
+        for row in probs:
+            top = np.argsort(-row, kind="stable")[:k]
+            entry = {"top_k": [{"index": int(classes[j]), "name": self.class_names[classes[j]],
+                                "probability": float(row[j]), "group": self.class_to_group[classes[j]],
+                                "subtree": f"subtree-{int(self.class_to_subtree[classes[j]])}"} for j in top]}
+            if with_probabilities:
+                entry["probabilities"] = [float(p) for p in row]
+            predictions.append(entry)
+        answer = {"predictions": predictions, "subtrees_called": [f"subtree-{g}" for g in needed],
+                  "scored_classes": len(classes)}
+        if with_probabilities:
+            answer["classes"] = [int(c) for c in classes]
+        if filtered:
+            answer["note"] = "probabilities are over the requested classes only"
+        return answer
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=_images_in)
+    async def _batched(self, xs: list[torch.Tensor]) -> list[np.ndarray]:
+        """Trunk features (fanout) or logits (local, dense) for several requests in one forward."""
+        sizes = [len(x) for x in xs]
+        out = await asyncio.to_thread(self.model.forward, torch.cat(xs) if len(xs) > 1 else xs[0])
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    async def _call_subtree(self, g: int, features: np.ndarray) -> np.ndarray:
+        """Logits of subtree ``g``. A replica that dies mid-request is retried on another one; when
+        no replica takes the request (the only one is restarting) the subtree is marked
+        unavailable and its requests get a 503 at once until a background probe sees it back
+        (Serve restarts replicas by itself)."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import ReplicaUnavailableError
+
+        reason = "unknown"
+        for attempt in range(1 + self.retries):
+            if g in self.down:
+                raise SubtreeUnavailable(f"subtree-{g} is unavailable ({self.down[g]}); Ray Serve is restarting it, "
+                                         "retry shortly")
+            if attempt:
+                await asyncio.sleep(0.05 * 2 ** (attempt - 1))
+            try:
+                return await _call_assigned(self.handles[g].logits, (features,), self.assign_timeout_s)
+            except _NotAssigned:
+                reason = f"no replica took the request within {self.assign_timeout_s:g} s"
+                break
+            except (RayActorError, ActorUnavailableError, ReplicaUnavailableError) as e:
+                reason = f"its replica failed: {type(e).__name__}"
+        self._mark_down(g, reason)
+        raise SubtreeUnavailable(f"subtree-{g} is unavailable ({reason}); Ray Serve is restarting it, retry shortly")
+
+    def _mark_down(self, g: int, reason: str) -> None:
+        if g not in self.down:
+            log.warning("subtree-%d marked unavailable: %s", g, reason)
+            self.down[g] = reason
+            self._probes[g] = asyncio.get_running_loop().create_task(self._probe(g))
+
+    async def _probe(self, g: int) -> None:
+        """Ask subtree ``g`` who it is until a replica answers, then take requests for it again."""
+        delay = 0.2
+        while g in self.down:
+            try:
+                await _call_assigned(self.handles[g].info, (), self.assign_timeout_s)
+                log.warning("subtree-%d answers again", g)
+                self.down.pop(g, None)
+            except Exception:  # noqa: BLE001 — any failure means "not back yet"
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+
+# -- the application builder ---------------------------------------------------------------------
+def build(args: dict) -> serve.Application:
+    """The app ``serve deploy`` builds from ``import_path: pipelines.serve.app:build`` + ``args``
+    (the config file's ``deployments`` entries then set replicas, resources and user_config)."""
+    return build_with_options(args)
+
+
+def build_with_options(args: dict, options: dict[str, dict] | None = None) -> serve.Application:
+    """:func:`build` with per-deployment ``.options(...)`` (``{"subtree-1": {"num_replicas": 3}}``),
+    which is how ``splitnet serve`` applies the same deployment specs without a config file."""
+    args, options = dict(args or {}), options or {}
+    if "tree" not in args:
+        raise ValueError("args.tree is required: the run dir or tree dir to serve")
+    tree = tree_location(str(args.pop("tree")))
+    mode = args.pop("mode", "fanout")
+    common = {k: args.pop(k) for k in ("device", "amp", "torch_threads") if k in args}
+    dense_weights = args.pop("dense_weights", None)
+    if args:
+        raise ValueError(f"unknown args: {', '.join(sorted(args))}; allowed: tree, mode, device, amp, torch_threads, "
+                         "dense_weights")
+    if mode not in MODES:
+        raise ValueError(f"args.mode {mode!r}: use one of {', '.join(MODES)}")
+    ingress = TreeIngress.options(**options.get("trunk", {}))
+    if mode != "fanout":
+        return ingress.bind(tree, None, mode=mode, dense_weights=dense_weights, **common)
+    count = len(_manifest(tree)["subtrees"])
+    subtrees = [Subtree.options(name=f"subtree-{g}", **options.get(f"subtree-{g}", {})).bind(tree, g, **common)
+                for g in range(count)]
+    return ingress.bind(tree, subtrees, mode="fanout", **common)

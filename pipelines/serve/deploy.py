@@ -1,0 +1,157 @@
+"""Deploying the tree: the Serve config users keep in git (``splitnet serve-config``) and the
+one-command deploy (``splitnet serve``). Both come from :func:`serve_config`, so what a test
+deploys with ``serve deploy`` is what ``splitnet serve`` runs.
+
+Which knobs are light (``serve deploy`` applies them to running replicas):
+``num_replicas`` of one deployment (only that deployment gains or loses replicas),
+``autoscaling_config`` once a deployment has one, ``user_config`` (limits, batching, retries:
+replicas are re-configured in place), ``max_ongoing_requests``. Heavy (every replica of the app
+restarts): ``args`` (the tree, mode, device, amp), ``import_path``, ``runtime_env``; and a
+deployment's ``ray_actor_options`` restarts that deployment's replicas.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMPORT_PATH = "pipelines.serve.app:build"
+
+
+class DeployError(ValueError):
+    """Bad deploy options (one line for the CLI, exit status 2)."""
+
+
+@dataclass
+class DeployOptions:
+    """What ``splitnet serve`` / ``serve-config`` take on the command line."""
+
+    app_name: str = "splitnet"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    trunk_replicas: int = 1
+    subtree_replicas: dict[int, int] = field(default_factory=dict)   # subtree -> replicas (default 1)
+    autoscale_max: dict[int, int] = field(default_factory=dict)      # subtree -> max replicas (autoscaling)
+    trunk_cpus: float = 0.5
+    trunk_gpus: float = 0.0
+    subtree_cpus: float = 0.25
+    subtree_gpus: float = 0.0
+    device: str = "auto"
+    amp: str | None = None
+    torch_threads: int = 1
+    working_dir: str | None = None
+    mode: str = "fanout"
+    dense_weights: str | None = None
+    limits: dict = field(default_factory=dict)
+
+
+def parse_replicas(items: list[str], what: str = "--subtree-replicas") -> dict[int, int]:
+    """``["1=3", "0=2"]`` -> ``{1: 3, 0: 2}``."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isdigit() or not value.strip().isdigit() or int(value) < 1:
+            raise DeployError(f"{what} {item!r}: expected SUBTREE=N with N >= 1, e.g. 1=3")
+        out[int(key)] = int(value)
+    return out
+
+
+def serve_config(tree: str, opts: DeployOptions) -> dict:
+    """The Serve config (``serve deploy`` schema) for the tree at ``tree`` (run dir or tree dir)."""
+    from pipelines.serve.app import MODES, _manifest, tree_location
+
+    try:
+        tree = tree_location(tree)
+        manifest = _manifest(tree)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise DeployError(str(e)) from None
+    count = len(manifest["subtrees"])
+    for what, mapping in (("--subtree-replicas", opts.subtree_replicas), ("--autoscale-max", opts.autoscale_max)):
+        bad = sorted(g for g in mapping if not 0 <= g < count)
+        if bad:
+            raise DeployError(f"{what}: subtree {bad[0]} does not exist; this tree has subtrees 0..{count - 1}")
+    if opts.mode not in MODES:
+        raise DeployError(f"mode {opts.mode!r}: use one of {', '.join(MODES)}")
+    if opts.amp not in (None, "bf16"):
+        raise DeployError(f"--amp {opts.amp!r}: only bf16 is supported")
+    if min(opts.subtree_gpus, opts.subtree_cpus, opts.trunk_cpus, opts.trunk_gpus) < 0:
+        raise DeployError("CPU and GPU counts must be >= 0")
+    args = {"tree": tree, "mode": opts.mode, "device": opts.device, "torch_threads": opts.torch_threads}
+    if opts.amp:
+        args["amp"] = opts.amp
+    if opts.dense_weights:
+        args["dense_weights"] = opts.dense_weights
+    trunk = {"name": "trunk", "num_replicas": opts.trunk_replicas, "max_ongoing_requests": 64,
+             "ray_actor_options": {"num_cpus": opts.trunk_cpus, **({"num_gpus": opts.trunk_gpus} if opts.trunk_gpus else {})},
+             "user_config": {"limits": dict(opts.limits), "max_batch_images": 64, "batch_wait_timeout_s": 0.0,
+                             "retries": 3, "assign_timeout_s": 2.0}}
+    deployments = [trunk]
+    if opts.mode == "fanout":
+        for g in range(count):
+            actor = {"num_cpus": opts.subtree_cpus}
+            if opts.subtree_gpus:
+                actor["num_gpus"] = opts.subtree_gpus
+            spec = {"name": f"subtree-{g}", "max_ongoing_requests": 64, "ray_actor_options": actor,
+                    "user_config": {"max_batch_images": 256, "batch_wait_timeout_s": 0.0}}
+            if g in opts.autoscale_max:
+                spec["autoscaling_config"] = {"min_replicas": opts.subtree_replicas.get(g, 1),
+                                              "max_replicas": opts.autoscale_max[g], "target_ongoing_requests": 4}
+            else:
+                spec["num_replicas"] = opts.subtree_replicas.get(g, 1)
+            deployments.append(spec)
+    app = {"name": opts.app_name, "route_prefix": opts.route_prefix, "import_path": IMPORT_PATH, "args": args,
+           "deployments": deployments}
+    if opts.working_dir:
+        app["runtime_env"] = {"working_dir": opts.working_dir}
+    return {"proxy_location": "EveryNode", "http_options": {"host": opts.host, "port": opts.port},
+            "applications": [app]}
+
+
+def dump_config(config: dict, tree: str) -> str:
+    import yaml
+
+    header = (f"# Ray Serve config for the SplitNet tree at {tree}\n"
+              "# Deploy:  serve deploy serve.yaml   (on the cluster's head, or --address http://HEAD:8265)\n"
+              "# Light:   num_replicas / autoscaling_config / user_config / max_ongoing_requests of one deployment:\n"
+              "#          re-deploying changes that deployment alone; its siblings' replicas keep running.\n"
+              "# Heavy:   args, import_path, runtime_env restart every replica; ray_actor_options restarts that deployment.\n")
+    return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+
+
+def check_cluster(config: dict) -> None:
+    """Fail fast (instead of replicas pending forever) when the cluster cannot host the app."""
+    import ray
+
+    total = ray.cluster_resources()
+    app = config["applications"][0]
+    def replicas(d):
+        return d.get("num_replicas", d.get("autoscaling_config", {}).get("min_replicas", 1))
+
+    gpus = sum(d.get("ray_actor_options", {}).get("num_gpus", 0) * replicas(d) for d in app["deployments"])
+    if gpus and total.get("GPU", 0) == 0:
+        raise DeployError(f"the deployments ask for GPUs (num_gpus {gpus:g} in all) but this Ray cluster has none; "
+                          "drop --subtree-gpus / --trunk-gpus or connect to a cluster with GPU nodes (--address)")
+    if gpus > total.get("GPU", 0) + 1e-9:
+        raise DeployError(f"the deployments ask for {gpus:g} GPUs, the cluster has {total.get('GPU', 0):g}")
+    cpus = sum(d.get("ray_actor_options", {}).get("num_cpus", 1) * replicas(d) for d in app["deployments"])
+    if cpus > total.get("CPU", 0) + 1e-9:
+        raise DeployError(f"the deployments ask for {cpus:g} CPUs, the cluster has {total.get('CPU', 0):g}; "
+                          "lower --trunk-cpus / --subtree-cpus or replicas")
+
+
+def deploy(config: dict) -> str:
+    """Deploy ``config`` on the connected Ray cluster (``ray.init`` done); returns the app's URL.
+
+    Uses the same builder and the same per-deployment options as ``serve deploy`` would."""
+    from ray import serve
+
+    from pipelines.serve.app import build_with_options
+
+    check_cluster(config)
+    http = config["http_options"]
+    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    app = config["applications"][0]
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
+    application = build_with_options(dict(app["args"]), options)
+    serve.run(application, name=app["name"], route_prefix=app["route_prefix"], blocking=False)
+    host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
+    return f"http://{host}:{http['port']}{app['route_prefix'].rstrip('/')}"

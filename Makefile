@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/cifar100
 OUT ?= runs/demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo serve test bench clean
 
 $(BIN)/splitnet: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ venv: $(BIN)/splitnet
 demo: venv
 	$(BIN)/splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100
 	$(BIN)/splitnet run pipelines/configs/demo.yaml data.source=$(DATA) run_dir=$(OUT)
+
+serve: venv  # the tree `make demo` trained, on Ray Serve at http://127.0.0.1:8000 (Ctrl-C stops it)
+	$(BIN)/splitnet serve $(OUT)
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -332,3 +332,40 @@ def test_decode_threads_give_the_same_images_and_bad_records_as_one_thread():
     assert len(a[0]) == 34 and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert sorted((r.key, r.kind) for r in a[2]) == sorted((r.key, r.kind) for r in b[2]) == [
         ("k20", "not_image"), ("k33", "truncated"), ("k5", "empty")]
+
+
+def test_file_order_is_reshuffled_every_epoch_and_reproducible_from_the_seed(ray_cluster, tmp_path):
+    """Each execution of the training stream (each epoch) reads the shards in a new order; the same
+    seed gives the same sequence of orders. Shard i holds only label i, so with order preserved
+    the labels spell the file order."""
+    import io
+
+    from PIL import Image
+    from ray.data import DataContext
+
+    from pipelines.data.sources import write_parquet_shard
+
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(buf, format="PNG")
+        write_parquet_shard(str(tmp_path / f"train-{i:05d}.parquet"), [f"s{i}-{j}" for j in range(4)],
+                            [buf.getvalue()] * 4, [i] * 4)
+    ctx = DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        def orders(seed, epochs):
+            ds = read_dataset(str(tmp_path), decode=DecodeConfig(image_size=32, train=False), seed=seed,
+                              batch_size=4, concurrency=1, num_cpus=0.25, log_name=None)
+            out = []
+            for _ in range(epochs):
+                labels = [int(x) for b in ds.iter_batches(batch_size=4) for x in b["label"]]
+                assert sorted(labels) == sorted(list(range(6)) * 4)
+                out.append(list(dict.fromkeys(labels)))  # file order
+            return out
+
+        first = orders(seed=7, epochs=3)
+        assert len({tuple(o) for o in first}) > 1, f"the same file order every epoch: {first}"
+        assert orders(seed=7, epochs=3) == first
+    finally:
+        ctx.execution_options.preserve_order = old

@@ -295,7 +295,8 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
     ray.data.DataContext.get_current().target_max_block_size = block_bytes(target_block_mb, batch_size, decode)
     if log_name is not None:
         bad_record_log(log_name)
-    shuffle = "files" if shuffle_files else None
+    # File order: a different permutation every execution (every epoch), reproducible from seed.
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle_files else None
     if fmt == "parquet":
         ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle)
     else:

@@ -391,6 +391,7 @@ def test_splitnet_serve_cli_deploys_a_run_dir_and_answers_a_jpeg(ray_cluster, ru
     (["--subtree-replicas", "7=2"], "subtree 7 does not exist"),
     (["--subtree-replicas", "1=zero"], "expected SUBTREE=N"),
     (["--subtree-gpus", "1"], "this Ray cluster has none"),
+    (["--device", "cuda"], "no deployment asks for a GPU"),
 ])
 def test_splitnet_serve_bad_options_are_one_line_exit_2(ray_cluster, run_dir, argv, message):
     address = ray_cluster.get_runtime_context().gcs_address

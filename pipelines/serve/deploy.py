@@ -127,6 +127,9 @@ def check_cluster(config: dict) -> None:
         return d.get("num_replicas", d.get("autoscaling_config", {}).get("min_replicas", 1))
 
     gpus = sum(d.get("ray_actor_options", {}).get("num_gpus", 0) * replicas(d) for d in app["deployments"])
+    if app["args"].get("device") == "cuda" and not gpus:
+        raise DeployError("--device cuda but no deployment asks for a GPU: add --subtree-gpus / --trunk-gpus "
+                          "(Ray only shows a replica the GPUs it was given), or use --device auto")
     if gpus and total.get("GPU", 0) == 0:
         raise DeployError(f"the deployments ask for GPUs (num_gpus {gpus:g} in all) but this Ray cluster has none; "
                           "drop --subtree-gpus / --trunk-gpus or connect to a cluster with GPU nodes (--address)")

@@ -2,7 +2,7 @@
 
     splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100 [--json]
     splitnet prepare SOURCE --out DIR [--format parquet|webdataset] [--shard-size N]
-    splitnet run CONFIG.yaml [key=value ...]      # the staged Ray pipeline; re-running resumes
+    splitnet run CONFIG.yaml [OVERLAY.yaml ...] [key=value ...]   # the staged Ray pipeline; re-running resumes
     splitnet serve RUN_DIR [--subtree-replicas 1=3 ...] [--port 8000]   # the tree on Ray Serve, over HTTP
     splitnet serve-config RUN_DIR [...] > serve.yaml                    # the same, for `serve deploy`
 
@@ -73,13 +73,29 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _overlays_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """``run``'s arguments after the config: overlay YAML files first (merged in order), then
+    key=value overrides. A YAML file after an override would read as if it came last: refused."""
+    overlays, overrides = [], []
+    for item in items:
+        if "=" not in item and item.endswith((".yaml", ".yml")):
+            if overrides:
+                raise UsageError(f"{item}: overlay YAML files go before the key=value overrides "
+                                 f"(they apply in order, then the overrides)")
+            overlays.append(item)
+        else:
+            overrides.append(item)
+    return overlays, overrides
+
+
 def cmd_run(args) -> int:
     import os
 
     from pipelines.config import ConfigError, load_config, to_dict
 
+    overlays, overrides = _overlays_and_overrides(args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides, overlays=overlays)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if args.print_config:
@@ -216,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the staged pipeline on Ray: prepare, baseline, group, cut, finetune, evaluate, report")
     p.add_argument("config", help="YAML config, e.g. pipelines/configs/demo.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. group.epochs=5 run_dir=runs/x")
+    p.add_argument("overrides", nargs="*", metavar="OVERLAY.yaml|key=value",
+                   help="overlay YAML files merged over the config in order (e.g. pipelines/configs/rehearsal-cpu.yaml), "
+                        "then key=value overrides, e.g. group.epochs=5 run_dir=runs/x")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_run)
 

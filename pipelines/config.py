@@ -1,6 +1,13 @@
-"""The pipeline's configuration: YAML -> dataclasses, validated on load, ``key=value`` overrides.
+"""The pipeline's configuration: YAML -> dataclasses, validated on load, overlay YAML files and
+``key=value`` overrides.
 
     cfg = load_config("pipelines/configs/demo.yaml", ["run_dir=runs/x", "group.epochs=5"])
+    cfg = load_config("pipelines/configs/imagenet22k-resnet50.yaml", ["data.source=/tmp/in22k"],
+                      overlays=["pipelines/configs/rehearsal-cpu.yaml"])   # the file, then the overlay, then key=value
+
+An overlay is a partial config: its sections merge into the ones before it key by key (a value,
+list included, replaces the earlier one), so a recipe can be re-targeted (CPU, tiny schedule,
+local data) without copying it.
 
 Every problem raises :class:`ConfigError` with one line naming the key (an unknown key, a value
 of the wrong type, a value out of range). ``to_dict(cfg)`` is what gets saved in the run
@@ -231,21 +238,47 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read ``path`` (YAML; None = the built-in defaults), apply overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: no such config file")
+def _read_yaml(path: str | Path) -> dict:
+    """A config file's top-level mapping, or ConfigError naming the file (and the line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` merged into ``base`` in place: mappings key by key, anything else replaced (an
+    empty section, ``data:`` with every line commented out, changes nothing)."""
+    for key, value in overlay.items():
+        if isinstance(base.get(key), dict) and value is None:
+            continue
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                overlays: list[str | Path] | None = None) -> PipelineConfig:
+    """Read ``path`` (YAML; None = the built-in defaults), merge each overlay YAML in order, apply
+    ``key=value`` overrides, validate. An unknown key in an overlay is reported with its file."""
+    data: dict = _read_yaml(path) if path is not None else {}
+    for overlay in overlays or []:
+        extra = _read_yaml(overlay)
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+            _build(PipelineConfig, extra)  # its keys and types, before they mix with the others
+        except ConfigError as e:
+            raise ConfigError(f"{overlay}: {e}") from None
+        merge(data, extra)
     apply_overrides(data, overrides or [])
     return from_dict(data)
 

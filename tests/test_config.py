@@ -113,3 +113,89 @@ def test_cli_print_config_shows_the_resolved_config():
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load(r.stdout)
     assert data["group"]["epochs"] == 5 and data["model"]["arch"] == "wrn-16-2"
+
+
+# ---- overlay YAML files: CONFIG.yaml OVERLAY.yaml ... key=value ----------------------------
+
+IN22K = ROOT / "pipelines/configs/imagenet22k-resnet50.yaml"
+REHEARSAL = ROOT / "pipelines/configs/rehearsal-cpu.yaml"
+
+
+def test_rehearsal_overlay_retargets_the_imagenet22k_recipe_to_cpu():
+    base = load_config(IN22K)
+    cfg = load_config(IN22K, ["data.source=/tmp/in22k"], overlays=[REHEARSAL])
+    assert cfg.data.source == "/tmp/in22k"                      # key=value last
+    assert not cfg.scaling.use_gpu and cfg.scaling.amp == "none" and cfg.scaling.num_workers == 2
+    assert 0 < cfg.scaling.cpus_per_worker < 1 and cfg.group.init == "scratch" and cfg.model.pretrained == ""
+    assert "://" not in cfg.run_dir and cfg.data.image_size < base.data.image_size
+    assert 0 < cfg.group.max_steps_per_epoch <= 10 and cfg.group.epochs == cfg.finetune.epochs == 1
+    # what the overlay does not name is the real recipe's
+    assert (cfg.model.arch, cfg.model.split, cfg.data.val_fraction) == ("resnet50", "4-4", base.data.val_fraction)
+    assert (cfg.group.balance, cfg.group.split_lr_mult, cfg.group.lr) == (base.group.balance, base.group.split_lr_mult,
+                                                                          base.group.lr)
+    assert cfg.baseline == base.baseline
+    # the overlay's opening comment is the command that runs it
+    assert "splitnet run pipelines/configs/imagenet22k-resnet50.yaml pipelines/configs/rehearsal-cpu.yaml" \
+        in REHEARSAL.read_text().split("\nname:")[0]
+
+
+def test_overlays_apply_in_order_then_overrides(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("group:\n  epochs: 3\n  lr: 0.2\ndata:\n  mean: [0.1, 0.2, 0.3]\n")
+    second.write_text("group:\n  epochs: 4\ndata:\n  mean: [0.5, 0.5, 0.5]\n# finetune: every line commented out\nfinetune:\n")
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", ["group.lr=0.3"], overlays=[first, second])
+    assert cfg.group.epochs == 4 and cfg.group.lr == 0.3 and cfg.data.mean == [0.5, 0.5, 0.5]  # lists replaced
+    demo = load_config(ROOT / "pipelines/configs/demo.yaml")
+    assert cfg.group.batch_size == demo.group.batch_size and cfg.finetune == demo.finetune  # merged, not replaced
+    assert load_config(None, overlays=[first]).group.epochs == 3  # over the built-in defaults
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("group:\n  epoch: 3\n", "unknown key group.epoch (did you mean group.epochs?)"),
+    ("scaling:\n  use_gpu: maybe\n", "scaling.use_gpu: expected true or false"),
+    ("group: [1, 2\n", "not valid YAML"),
+    ("- 1\n- 2\n", "expected a mapping of sections"),
+])
+def test_bad_overlay_names_the_file_and_the_key(tmp_path, text, fragment):
+    overlay = tmp_path / "over.yaml"
+    overlay.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "pipelines/configs/demo.yaml", overlays=[overlay])
+    assert str(err.value).startswith(str(overlay)) and fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_overlays_values_are_validated_with_the_rest(tmp_path):
+    overlay = tmp_path / "over.yaml"
+    overlay.write_text("group:\n  init: pretrained\nmodel:\n  pretrained: ''\n")
+    with pytest.raises(ConfigError, match="group.init: pretrained, but model.pretrained names no weights file"):
+        load_config(IN22K, overlays=[overlay])
+
+
+def test_cli_run_takes_overlays_then_overrides(tmp_path):
+    r = _cli("run", str(IN22K), str(REHEARSAL), "data.source=/tmp/in22k", "group.max_steps_per_epoch=2", "--print-config")
+    assert r.returncode == 0, r.stderr
+    data = yaml.safe_load(r.stdout)
+    assert data["data"]["source"] == "/tmp/in22k" and data["group"]["max_steps_per_epoch"] == 2
+    assert data["scaling"]["use_gpu"] is False and data["model"]["arch"] == "resnet50"
+    r = _cli("run", str(IN22K), "data.source=/tmp/in22k", str(REHEARSAL))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"splitnet: error: {REHEARSAL}: overlay YAML files go before the key=value overrides "
+        "(they apply in order, then the overrides)"]
+    r = _cli("run", str(IN22K), str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"splitnet: error: {tmp_path / 'missing.yaml'}: no such config file"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scaling:\n  num_worker: 2\n")
+    r = _cli("run", str(IN22K), str(bad))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"splitnet: error: {bad}: unknown key scaling.num_worker (did you mean scaling.num_workers?)"]
+
+
+def test_the_resolved_config_is_what_the_run_dir_keeps(tmp_path):
+    from pipelines.rundir import RunDir
+    from pipelines.run import _check_run_dir
+
+    cfg = load_config(IN22K, [f"run_dir={tmp_path / 'run'}", "data.source=/tmp/in22k"], overlays=[REHEARSAL])
+    _check_run_dir(RunDir(cfg.run_dir), cfg, lambda _: None)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert from_dict(saved) == cfg and saved["scaling"]["use_gpu"] is False and saved["data"]["image_size"] == 72

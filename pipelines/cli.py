@@ -162,6 +162,10 @@ def cmd_serve(args) -> int:
         url = deploy(config)
     except DeployError as e:
         raise UsageError(str(e)) from None
+    except RuntimeError as e:  # a replica failed to start: Serve's message names the deployment
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"splitnet: deploying failed: {first} (replica logs: Ray's session dir, logs/serve/)", file=sys.stderr)
+        return 1
     app = config["applications"][0]
     print(f"serving {config['applications'][0]['args']['tree']} at {url}", flush=True)
     for d in app["deployments"]:

@@ -19,6 +19,7 @@ class Synset:
     lemmas: tuple[str, ...]
     parents: tuple[str, ...]  # hypernym wnids
     gloss: str
+    lexfile: int = 0          # lexicographer file: 5 = noun.animal, 6 = noun.artifact, ... (LEXFILES)
 
     @property
     def lemma(self) -> str:
@@ -40,7 +41,24 @@ def parse_line(line: str) -> Synset | None:
         symbol, target, target_pos = fields[pos + 1 + 4 * i: pos + 4 + 4 * i]
         if symbol in ("@", "@i") and target_pos == "n":
             parents.append("n" + target)
-    return Synset("n" + offset, tuple(words), tuple(parents), gloss.strip())
+    return Synset("n" + offset, tuple(words), tuple(parents), gloss.strip(), int(fields[1]))
+
+
+# WordNet 3.0's noun lexicographer files: ~26 coarse categories, a yardstick for a handful of
+# groups over thousands of classes (Debian ships no `lexnames` file, so the names are listed here).
+LEXFILES = {3: "noun.Tops", 4: "noun.act", 5: "noun.animal", 6: "noun.artifact", 7: "noun.attribute", 8: "noun.body",
+            9: "noun.cognition", 10: "noun.communication", 11: "noun.event", 12: "noun.feeling", 13: "noun.food",
+            14: "noun.group", 15: "noun.location", 16: "noun.motive", 17: "noun.object", 18: "noun.person",
+            19: "noun.phenomenon", 20: "noun.plant", 21: "noun.possession", 22: "noun.process", 23: "noun.quantity",
+            24: "noun.relation", 25: "noun.shape", 26: "noun.state", 27: "noun.substance", 28: "noun.time"}
+
+
+def categories(wnids: list[str], path: str = DEFAULT_PATH) -> list[str] | None:
+    """The lexicographer file (``noun.animal``, ...) of each wnid, or None when one is not a noun synset."""
+    nouns = load_nouns(path)
+    if not all(w in nouns for w in wnids):
+        return None
+    return [LEXFILES.get(nouns[w].lexfile, str(nouns[w].lexfile)) for w in wnids]
 
 
 @lru_cache(maxsize=4)

@@ -369,3 +369,10 @@ def test_file_order_is_reshuffled_every_epoch_and_reproducible_from_the_seed(ray
         assert orders(seed=7, epochs=3) == first
     finally:
         ctx.execution_options.preserve_order = old
+
+
+def test_wordnet_categories_are_the_lexicographer_files():
+    from splitnet.wordnet import categories
+
+    assert categories(["n01440764", "n02958343"]) == ["noun.animal", "noun.artifact"]  # tench, car
+    assert categories(["n01440764", "n99999999"]) is None

@@ -211,16 +211,18 @@ def consume(batches, exclude: frozenset = frozenset()) -> dict:
             "cpu_s_by_role": {k: round(v, 2) for k, v in sorted(roles.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
 
 
-def run_ray(shards: Path, cfg: DecodeConfig, batch_size: int, concurrency: int, num_cpus: float, threads: int = 2) -> dict:
+def run_ray(shards: Path, cfg: DecodeConfig, batch_size: int, concurrency: int, num_cpus: float, threads: int = 2,
+            prefetch: int = 4) -> dict:
     from pipelines.data.stream import read_dataset
 
     with PeakRSS() as rss:
         ds = read_dataset(str(shards), decode=cfg, batch_size=batch_size, concurrency=concurrency,
                           num_cpus=num_cpus, log_name="bench-bad", threads=threads)
         stats = consume((b["image"], b["label"]) for b in ds.iter_torch_batches(
-            batch_size=batch_size, dtypes={"image": None, "label": None}))
+            batch_size=batch_size, dtypes={"image": None, "label": None},
+            prefetch_batches=prefetch))
     return {**stats, "peak_rss_mib": rss.peak / 2**20, "concurrency": concurrency, "num_cpus_per_actor": num_cpus,
-            "threads_per_actor": threads}
+            "threads_per_actor": threads, "prefetch_batches": prefetch}
 
 
 def median(values):
@@ -237,6 +239,8 @@ def main():
     ap.add_argument("--concurrency", type=int, default=2, help="Ray decode actors")
     ap.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per Ray decode actor")
     ap.add_argument("--threads", type=int, default=2, help="decode threads per Ray actor")
+    ap.add_argument("--prefetch", type=int, default=4,
+                    help="batches the Ray iterator fetches ahead (the DataLoader's prefetch_factor is 4)")
     ap.add_argument("--out", default="benchmarks/results/data_throughput.json")
     args = ap.parse_args()
     import ray
@@ -259,7 +263,8 @@ def main():
                 res = {}
                 for path in order:
                     res[path] = (run_dataloader(shards, cfg, args.batch) if path == "dl" else
-                                 run_ray(shards, cfg, args.batch, args.concurrency, args.num_cpus, args.threads))
+                                 run_ray(shards, cfg, args.batch, args.concurrency, args.num_cpus, args.threads,
+                                                      args.prefetch))
                 res["ratio"] = res["ray"]["images_per_s"] / res["dl"]["images_per_s"]
                 rounds.append(res)
                 print(f"  {size}px round {r + 1}: DataLoader {res['dl']['images_per_s']:.0f} img/s, "

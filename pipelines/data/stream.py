@@ -308,13 +308,15 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
                           compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high))
 
 
-def torch_batches(source, batch_size: int, mean, std, device: str = "cpu", drop_last: bool = False
-                  ) -> Iterator[tuple[object, object]]:
+def torch_batches(source, batch_size: int, mean, std, device: str = "cpu", drop_last: bool = False,
+                  prefetch_batches: int = 4) -> Iterator[tuple[object, object]]:
     """(normalized float images [B,3,S,S], labels [B]) from a Dataset or a Ray Train dataset shard.
 
     The uint8 batch moves to ``device`` first and is normalized there (4x fewer bytes to copy
-    than float32, and the normalization runs on the accelerator when there is one).
+    than float32, and the normalization runs on the accelerator when there is one). Fetching 4
+    batches ahead (Ray's default is 1) keeps the decode actors busy while the step runs: measured
+    Ray/DataLoader at 224 px 0.99 -> 1.10 on 2 cores.
     """
-    for batch in source.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+    for batch in source.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, prefetch_batches=prefetch_batches,
                                            dtypes={"image": None, "label": None}):
         yield to_float_tensor(batch["image"].to(device), mean, std), batch["label"].to(device)

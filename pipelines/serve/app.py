@@ -248,8 +248,6 @@ class TreeIngress:
                  device: str = "auto", amp: str | None = None, torch_threads: int = 1, dense_weights: str | None = None):
         from ray.serve.metrics import Counter, Histogram
 
-        from splitnet.artifacts import read_manifest
-
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
         torch.set_num_threads(max(1, int(torch_threads)))
@@ -260,8 +258,7 @@ class TreeIngress:
         if mode == "local":
             files += [entry["file"] for entry in manifest["subtrees"]]
         local = fetch_tree(tree, files)
-        self.manifest = read_manifest(local)
-        m = self.manifest
+        self.manifest = m = manifest  # read once: a 21,841-class manifest takes a while to parse
         self.class_names = list(m["class_names"])
         self.class_to_group = list(m["class_to_group"])
         self.subtree_classes = [np.asarray(s["classes"], dtype=np.int64) for s in m["subtrees"]]
@@ -361,15 +358,13 @@ class TreeIngress:
         pixels = await asyncio.to_thread(decode_images, req, self.size, self.limits)
         x = to_float_tensor(pixels, self.mean, self.std)
         out = await self._batched(x)
+        needed = (sorted(set(self.class_to_subtree[wanted].tolist())) if wanted is not None
+                  else list(range(len(self.subtree_classes))))
         if self.mode == "fanout":
-            needed = (sorted(set(self.class_to_subtree[wanted].tolist())) if wanted is not None
-                      else list(range(len(self.handles))))
             parts = await asyncio.gather(*(self._call_subtree(g, out) for g in needed))
             classes = np.concatenate([self.subtree_classes[g] for g in needed])
             logits = np.concatenate(parts, axis=1)
         else:  # the whole tree / the dense model ran in-process: logits of every class, class order
-            needed = sorted(set(self.class_to_subtree[wanted].tolist())) if wanted is not None else \
-                list(range(len(self.subtree_classes)))
             classes, logits = np.arange(len(self.class_names)), out
         order = np.argsort(classes, kind="stable")  # back to the original class order
         classes, logits = classes[order], logits[:, order]

@@ -148,3 +148,29 @@ def make_cifar_slice(src: Path, dst: Path, train=300, test=100) -> Path:
             np.savez(dst / f"{split}.npz", x=d["x"][idx], fine=d["fine"][idx], coarse=d["coarse"][idx],
                      rank_in_class=d["rank_in_class"][idx], fine_names=d["fine_names"], coarse_names=d["coarse_names"])
     return dst
+
+
+def write_images(folder: Path, count: int, fmt: str = "png", seed: int = 0, size=(16, 12)) -> list[Path]:
+    """``count`` small real images (Pillow-encoded PNG or JPEG) in ``folder``: img0.png, img1.png, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i}.{fmt}"
+        path.write_bytes(png(size=size, seed=seed + i) if fmt == "png" else jpeg(size=size, seed=seed + i))
+        paths.append(path)
+    return paths
+
+
+def make_split_imagefolder(root: Path, classes, per_split: dict[str, int], fmt: str = "png",
+                           missing: dict[str, list[str]] | None = None) -> dict[str, int]:
+    """root/<split folder>/<class>/img<i>.<fmt> (torchvision's / the ImageNet release's layout),
+    ``per_split`` = {split folder name: images per class}; ``missing`` = {split folder: classes it
+    leaves out}. Returns the image count per split folder."""
+    counts = {}
+    for s, (split, n) in enumerate(per_split.items()):
+        left_out = set((missing or {}).get(split, []))
+        kept = [c for c in classes if c not in left_out]
+        for c, name in enumerate(kept):
+            write_images(root / split / name, n, fmt, seed=1000 * s + 10 * c)
+        counts[split] = n * len(kept)
+    return counts

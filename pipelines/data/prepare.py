@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 
 from .records import DEFAULT_MAX_PIXELS, BadRecord, BadRecordError, BadImage, open_image
-from .sources import Item, list_source, read_item, write_class_table, write_parquet_shard, write_webdataset_shard
+from .sources import (Item, list_source, read_item, read_parents, write_class_table, write_parquet_shard,
+                      write_webdataset_shard)
 
 FORMATS = ("parquet", "webdataset")
 
@@ -117,14 +118,31 @@ def class_subset(items: list[Item], per_class: int, seed: int) -> list[Item]:
     return [items[i] for i in sorted(keep)]
 
 
+def parents_line(path, classes: list[str], parents: list[str]) -> str:
+    """One log line: how many classes a parents table covers, and what the report can score."""
+    missing = [c for c, p in zip(classes, parents) if not p]
+    line = (f"prepare: parents from {path}: {len(classes) - len(missing)} of {len(classes)} classes, "
+            f"{len(set(p for p in parents if p))} parents")
+    if missing:
+        line += (f"; {len(missing)} without a parent ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}) "
+                 "are left out of the semantic score")
+    if len(set(p for p in parents if p)) < 2:
+        line += "; fewer than 2 parents: the report cannot score the groups against them"
+    return line
+
+
 def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000, seed: int = 0,
             validate: str = "header", on_bad_record: str = "skip", max_pixels: int = DEFAULT_MAX_PIXELS,
             concurrency: int | None = None, per_class: dict[str, int] | int | None = None,
-            log: Callable[[str], None] = print) -> dict:
+            parents: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
     """Convert ``source`` into shards under ``out``; returns the summary (also ``out/prepare.json``).
 
-    per_class: keep at most this many images of each class (an int for every split, or
-    ``{"train": 100, "test": 20}``): class-balanced subsets for short schedules and rehearsals.
+    Every split of the source gets its own shards (``train-00000.parquet``, ``val-...``,
+    ``test-...``) and all share one class table. per_class: keep at most this many images of each
+    class (an int for every split, or ``{"train": 100, "test": 20}``): class-balanced subsets for
+    short schedules and rehearsals. parents: a ``class<TAB>parent`` TSV (see
+    :func:`~pipelines.data.sources.read_parents`) written as the class table's parent column,
+    so the report scores the groups against it; it replaces the source's own parents.
     """
     import ray
 
@@ -139,8 +157,14 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
     t0 = time.perf_counter()
     try:
         src = list_source(source)
-    except ValueError as e:
+        if parents:
+            src.parents = read_parents(parents, src.classes)
+    except (ValueError, OSError) as e:  # LayoutError and the parents file's errors are one line each
         raise PrepareError(str(e)) from None
+    for warning in src.warnings:
+        log(f"prepare: warning: {warning}")
+    if parents:
+        log(parents_line(parents, src.classes, src.parents))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, plan_digest = [], hashlib.sha256()
@@ -166,7 +190,8 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
     plan_path.write_text(json.dumps(plan, indent=1))
     write_class_table(out_dir, src.classes, src.parents)
     todo = [r for r in rows if not Path(r["path"] + ".done.json").exists()]
-    log(f"prepare: {src.kind} at {source}: {sum(plan['images'].values())} images, {len(src.classes)} classes -> "
+    splits = ", ".join(f"{s} {n}" for s, n in plan["images"].items())
+    log(f"prepare: {src.kind} at {source}: {sum(plan['images'].values())} images ({splits}), {len(src.classes)} classes -> "
         f"{len(rows)} {fmt} shards ({len(rows) - len(todo)} already done)")
     job_seconds = 0.0
     if todo:
@@ -198,10 +223,11 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
         kinds[b["kind"]] = kinds.get(b["kind"], 0) + 1
     written_now = {os.path.basename(r["path"]) for r in todo}  # a set: 14k shards at ImageNet-22K scale
     written = sum(d["images"] for d in done if d["shard"] in written_now)
+    by_split = {s: sum(d["images"] for d in done if d["shard"].startswith(f"{s}-")) for s in src.items}
     summary = {"images": sum(d["images"] for d in done), "shards": len(done), "bytes": sum(d["bytes"] for d in done),
                "bad_records": len(bad), "bad_by_kind": kinds, "written_now": len(todo), "seconds": elapsed,
                "images_per_s": written / job_seconds if job_seconds else 0.0, "format": fmt, "layout": src.kind,
-               "classes": len(src.classes)}
+               "classes": len(src.classes), "images_by_split": by_split, "warnings": src.warnings}
     (out_dir / "prepare.json").write_text(json.dumps(summary, indent=1))
     log(f"prepare: {summary['images']} images in {summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB, "
         f"{summary['bad_records']} bad records {kinds or ''} (bad_records.jsonl), "

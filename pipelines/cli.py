@@ -67,7 +67,7 @@ def cmd_prepare(args) -> int:
     try:
         prepare(args.source, args.out, fmt=args.format, shard_size=args.shard_size, seed=args.seed,
                 validate=args.validate, on_bad_record=args.on_bad_record, max_pixels=args.max_pixels,
-                per_class=args.per_class, log=lambda line: print(line, flush=True))
+                per_class=args.per_class, parents=args.parents, log=lambda line: print(line, flush=True))
     except PrepareError as e:
         raise UsageError(str(e)) from None
     return 0
@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("prepare", help="convert CIFAR-100, an ImageFolder tree or per-synset tars into shuffled shards (Ray Data)")
-    p.add_argument("source", help="CIFAR-100 folder (train.npz), ImageFolder root, or folder of nXXXXXXXX.tar")
+    p.add_argument("source", help="CIFAR-100 folder (train.npz), ImageFolder root (<class>/ or train/ val/ test/ "
+                                  "holding <class>/), or folder of nXXXXXXXX.tar")
     p.add_argument("--out", required=True, help="output folder (re-running resumes: finished shards are skipped)")
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset"])
     p.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (sizes differ by at most 1)")
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-record", default="skip", choices=["skip", "fail"])
     p.add_argument("--max-pixels", type=_positive_int, default=64_000_000, help="larger images are bad records")
     p.add_argument("--per-class", type=_positive_int, default=None, help="keep at most N images of each class (every split)")
+    p.add_argument("--parents", default=None, metavar="PARENTS.tsv",
+                   help="class<TAB>parent table (header optional): the class table's parents, scored in the report")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("run", help="the staged pipeline on Ray: prepare, baseline, group, cut, finetune, evaluate, report")

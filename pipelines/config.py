@@ -48,6 +48,7 @@ class DataConfig:
     on_bad_record: str = "skip"    # skip | fail
     max_pixels: int = 64_000_000
     download: bool = False         # CIFAR-100 only: fetch with torchvision when `source` has no copy
+    parents: str = ""              # class<TAB>parent TSV (local file): the classes' parents the report scores groups against
 
 
 @dataclass
@@ -311,6 +312,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
     if not d.eval_split and d.val_fraction == 0:
         raise ConfigError("data.eval_split is empty and data.val_fraction is 0: nothing to evaluate on")
+    if "://" in d.parents:
+        raise ConfigError(f"data.parents: {d.parents!r}: must be a local file (class<TAB>parent TSV), not a URI")
     for key in ("mean", "std"):
         values = getattr(d, key)
         if values and len(values) != 3:

@@ -214,10 +214,20 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
     source = d.source
     if "://" not in source and not os.path.exists(source):
         _download_cifar(source, log)  # _check_source let this through: data.download is set
-    summary = None
+    summary, user_parents = None, None
     if _is_shards(source):
         shards = source
         log(f"prepare: reading the shards at {source} as they are")
+        if d.parents:  # not written into the user's shard folder: the run's class table only
+            from .data.prepare import parents_line
+            from .data.sources import read_parents
+
+            names = [str(r["name"]) for r in _class_table(shards)]
+            try:
+                user_parents = read_parents(d.parents, names)
+            except ValueError as e:
+                raise PipelineError(f"data.parents: {e}") from None
+            log(parents_line(d.parents, names, user_parents))
     else:
         from .data.prepare import PrepareError, prepare
 
@@ -225,17 +235,36 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
         if not shards or "://" in shards:
             raise PipelineError("data.shards: the run dir is a URI; set data.shards to a folder every node can read "
                                 "(converted shards are written there), or point data.source at prepared shards")
-        limits = {"train": d.per_class, d.eval_split or "train": d.eval_per_class} if d.eval_split else d.per_class
+        if d.eval_split:  # before converting: a new eval_split needs a new run dir (the config is saved)
+            from .data.sources import source_splits
+
+            try:
+                splits = source_splits(source)
+            except ValueError as e:
+                raise PipelineError(str(e)) from None
+            if d.eval_split not in splits:
+                held_out = [s for s in splits if s != "train"]
+                hint = f"set data.eval_split to {' or '.join(held_out)}, or" if held_out else "set"
+                raise PipelineError(f"data.eval_split: {source} has no {d.eval_split} split (it has "
+                                    f"{', '.join(splits)}); {hint} data.eval_split='' and data.val_fraction "
+                                    "to hold out part of train")
+        # eval_per_class for every held-out split of the source (val/ and test/ folders), so the one not
+        # evaluated on costs no more than the one that is
+        limits = ({"train": d.per_class, **{s: d.eval_per_class for s in ("val", "test", d.eval_split)}}
+                  if d.eval_split else d.per_class)
         try:
             summary = prepare(source, shards, fmt=d.format, shard_size=d.shard_size, seed=cfg.seed,
-                              on_bad_record=d.on_bad_record, max_pixels=d.max_pixels, per_class=limits, log=log)
+                              on_bad_record=d.on_bad_record, max_pixels=d.max_pixels, per_class=limits,
+                              parents=d.parents or None, log=log)
         except PrepareError as e:
             raise PipelineError(str(e)) from None
     table = _class_table(shards)
     names = [str(r["name"]) for r in table]
-    parents = [str(r.get("parent", "")) for r in table]
+    parents = user_parents if user_parents is not None else [str(r.get("parent", "")) for r in table]
     if d.eval_split and not _has_split(shards, d.eval_split):
-        raise PipelineError(f"data.eval_split: no {d.eval_split}-* shards in {shards}; set data.eval_split='' and "
+        held_out = [s for s in ("val", "test") if _has_split(shards, s)]
+        hint = f"set data.eval_split to {' or '.join(held_out)}, or" if held_out else "set"
+        raise PipelineError(f"data.eval_split: no {d.eval_split}-* shards in {shards}; {hint} data.eval_split='' and "
                             "data.val_fraction to hold out part of train")
     records = _count_records(shards, "train")
     if not d.eval_split:

@@ -144,8 +144,6 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
     :func:`~pipelines.data.sources.read_parents`) written as the class table's parent column,
     so the report scores the groups against it; it replaces the source's own parents.
     """
-    import ray
-
     if fmt not in FORMATS:
         raise PrepareError(f"invalid --format {fmt!r}: use one of {', '.join(FORMATS)}")
     if shard_size < 1:
@@ -195,6 +193,8 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
         f"{len(rows)} {fmt} shards ({len(rows) - len(todo)} already done)")
     job_seconds = 0.0
     if todo:
+        import ray  # only now: a refused source answers without paying for Ray's import
+
         if not ray.is_initialized():
             ray.init(log_to_driver=False, include_dashboard=False)
         job_start = time.perf_counter()

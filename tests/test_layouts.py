@@ -98,6 +98,11 @@ def _test_class_not_in_train(root):
     make_split_imagefolder(root, ["bear", "cat", "Dog"], {"test": 1})
 
 
+def _validation_class_not_in_train(root):
+    make_split_imagefolder(root, CLASSES, {"train": 2})
+    make_split_imagefolder(root, ["cat", "emu"], {"validation": 1})
+
+
 def _single_class(root):
     write_images(root / "images", 3)
 
@@ -146,6 +151,7 @@ REFUSED = {
     "class_folders_nested_deeper": (_class_folders_nested_deeper, "animals: class folder holding a folder (cat/)"),
     "nested_inside_a_split": (_nested_inside_a_split, "cat: class folder holding a folder (kittens/)"),
     "test_class_not_in_train": (_test_class_not_in_train, "class folder(s) 'Dog' not in train/ (did you mean 'dog'?)"),
+    "validation_class_not_in_train": (_validation_class_not_in_train, "validation: class folder(s) 'emu' not in train/:"),
     "single_class": (_single_class, "a single class (images)"),
     "single_class_in_splits": (_single_class_in_splits, "a single class (cat)"),
     "empty_class_folder": (_empty_class_folder, "emu: empty class folder"),

@@ -55,7 +55,7 @@ class Item:
 
 @dataclass
 class Source:
-    kind: str                 # "cifar100", "imagefolder", "synset-tars"
+    kind: str                 # "cifar100", "imagefolder", "imagefolder-splits", "synset-tars"
     root: str
     classes: list[str]        # class names or wnids, index = label
     items: dict[str, list[Item]]  # split -> items
@@ -205,7 +205,8 @@ def _skipped_warning(root: Path, skipped: list[Path]) -> list[str]:
 def _list_split_folders(root: Path) -> Source:
     """``root/<split>/<class>/*``: one class table for every split (train's classes, sorted)."""
     per_split, skipped = {}, []
-    for split, folder in _split_folders(root).items():
+    folders = _split_folders(root)
+    for split, folder in folders.items():
         per_split[split], extra = list_class_folders(folder, split)
         skipped += extra
     train = set(per_split["train"])
@@ -216,7 +217,7 @@ def _list_split_folders(root: Path) -> Source:
         if unknown:
             close = difflib.get_close_matches(unknown[0], classes, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise LayoutError(f"{root}/{split}: class folder(s) {', '.join(repr(u) for u in unknown[:5])} not in "
+            raise LayoutError(f"{folders[split]}: class folder(s) {', '.join(repr(u) for u in unknown[:5])} not in "
                               f"train/{hint}: every class of val/test must be one that train/ teaches")
         missing = [c for c in classes if c not in files]
         if missing:

@@ -134,6 +134,15 @@ def _images_in(items: list) -> int:
     return sum(len(x) for x in items)
 
 
+def _closes_after_answer(request: Request) -> bool:
+    """Whether the HTTP server closes this connection once it has answered (the client asked
+    for ``Connection: close``, or spoke HTTP/1.0 without keep-alive)."""
+    connection = request.headers.get("connection", "").lower()
+    if request.scope.get("http_version") == "1.0":
+        return "keep-alive" not in connection
+    return "close" in connection
+
+
 # -- a subtree -----------------------------------------------------------------------------------
 @serve.deployment(name="subtree", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 class Subtree:
@@ -337,19 +346,57 @@ class TreeIngress:
 
     # -- the work --------------------------------------------------------------------------------
     async def _read_body(self, request: Request) -> bytes:
-        """The body, refused as soon as it passes the byte limit (a declared Content-Length over
-        it is refused before reading anything)."""
+        """The body, or a 413 once it passes ``limits.max_body_bytes`` (a declared Content-Length
+        over the limit is refused before reading anything).
+
+        A refusal is answered only after the rest of the body has arrived and been thrown away
+        (streamed, never kept), when the connection closes after the answer (``Connection:
+        close``, as urllib sends, or HTTP/1.0): closing a socket with unread data makes the
+        kernel reset the connection, and a client that writes its whole body before reading
+        (urllib, http.client) then sees ``ConnectionResetError`` instead of the 413. On a
+        keep-alive connection the HTTP server discards the rest of the body by itself, so the
+        413 goes out at once. Bodies over ``limits.max_drain_bytes`` (or still arriving after
+        ``limits.drain_timeout_s``) are not waited for."""
         limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise RequestError(413, f"body of {declared} bytes is over the limit of {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, f"body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        declared = request.headers.get("content-length", "")
+        declared = int(declared) if declared.isdigit() else None
+        stream = request.stream()
+        size = 0
+        if declared is None or declared <= limit:
+            chunks = []
+            async for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    break
+                chunks.append(chunk)
+            else:
+                return b"".join(chunks)
+        if _closes_after_answer(request):
+            await self._discard(stream, size, declared)
+        shown = f"body of {declared} bytes" if declared is not None else "body"
+        raise RequestError(413, f"{shown} is over the limit of {limit} bytes")
+
+    async def _discard(self, stream, size: int, declared: int | None) -> bool:
+        """Read what is left of a refused body and drop it; False if it was too big or too slow
+        to wait for (or the client left)."""
+        from starlette.requests import ClientDisconnect
+
+        cap = self.limits.max_drain_bytes
+        if declared is not None and declared > cap:
+            return False
+
+        async def drain() -> bool:
+            seen = size
+            async for chunk in stream:
+                seen += len(chunk)
+                if seen > cap:
+                    return False
+            return True
+
+        try:
+            return await asyncio.wait_for(drain(), self.limits.drain_timeout_s)
+        except (asyncio.TimeoutError, ClientDisconnect):
+            return False
 
     async def _predict(self, body: bytes, content_type: str | None, query: dict) -> dict:
         req = parse_predict(body, content_type, query, self.limits)

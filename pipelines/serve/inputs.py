@@ -44,9 +44,14 @@ class Limits:
     max_images: int = 32               # images in one request
     max_pixels: int = 40_000_000       # width x height of one image, checked from its header
     max_top_k: int = 100
+    # A body over max_body_bytes is read to its end and dropped before the 413 (so a client
+    # that sends everything before reading gets the answer, not a reset), if it is at most
+    # max_drain_bytes in all and arrives within drain_timeout_s.
+    max_drain_bytes: int = 64 * 2**20
+    drain_timeout_s: int = 30
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "max_images", "max_pixels", "max_top_k"):
+        for name in ("max_body_bytes", "max_images", "max_pixels", "max_top_k", "max_drain_bytes", "drain_timeout_s"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"limits.{name} must be a positive integer, got {getattr(self, name)!r}")
 

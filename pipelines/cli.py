@@ -127,7 +127,7 @@ def _deploy_options(args):
             autoscale_max=parse_replicas(args.autoscale_max, "--autoscale-max"),
             trunk_cpus=args.trunk_cpus, trunk_gpus=args.trunk_gpus, subtree_cpus=args.subtree_cpus, subtree_gpus=args.subtree_gpus,
             device=args.device, amp=args.amp, torch_threads=args.torch_threads,
-            working_dir=getattr(args, "working_dir", None))
+            working_dir=getattr(args, "working_dir", None), proxy_hook=getattr(args, "proxy_hook", False))
     except DeployError as e:
         raise UsageError(str(e)) from None
 
@@ -172,6 +172,11 @@ def cmd_serve(args) -> int:
         scale = d.get("num_replicas") or f"autoscaling {d['autoscaling_config']['min_replicas']}-" \
                                            f"{d['autoscaling_config']['max_replicas']}"
         print(f"  {d['name']}: {scale} replica(s), {d['ray_actor_options']}", flush=True)
+    from pipelines.serve.deploy import proxy_failover_active
+
+    if proxy_failover_active(url) is False:
+        print("note: this Serve was already running without splitnet's proxy hook: a request whose trunk replica "
+              "dies gets Serve's plain 500 (see README, Serving the tree)", flush=True)
     print(f"try: curl -s -H 'Content-Type: image/jpeg' --data-binary @image.jpg {url}/predict", flush=True)
     if address:  # the app stays on the cluster; `serve shutdown` or `serve delete` removes it
         return 0
@@ -255,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deploy_arguments(p)
     p.add_argument("--working-dir", default=None, help="runtime_env working_dir URI for the app (e.g. local:///srv/app "
                                                        "or https://.../project.zip); default: the installed package")
+    p.add_argument("--proxy-hook", action="store_true",
+                   help="add controller_options that make Serve's HTTP proxy load pipelines.serve.proxy (retry requests "
+                        "whose trunk replica died, 503 JSON while none is up); applied when the config starts Serve")
     p.set_defaults(func=cmd_serve_config)
     return parser
 

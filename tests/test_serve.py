@@ -2,11 +2,15 @@
 
 One small tree (WRN-10-2, 12 classes, split 1-2-4: two subtrees, four groups), random weights
 (so equal answers are not trivially equal), deployed on the session's local Ray."""
+import asyncio
 import base64
+import http.client
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +25,7 @@ import torch
 from PIL import Image
 
 from pipelines.data.records import eval_transform, open_image, to_float_tensor
-from pipelines.serve.deploy import DeployOptions, deploy, serve_config
+from pipelines.serve.deploy import DeployOptions, deploy, proxy_controller_options, proxy_failover_active, serve_config
 from pipelines.serve.inputs import Limits, PredictRequest, RequestError, parse_predict, resolve_classes
 from splitnet import build_model, cut
 from splitnet.accounting import model_cost
@@ -53,11 +57,18 @@ def offline(run_dir):
 
 @pytest.fixture(scope="module")
 def http_port(ray_cluster):
+    """Serve on a free port, its proxy running pipelines.serve.proxy as `splitnet serve` starts it
+    (a Serve left running by an earlier test without the hook is restarted)."""
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
+    for _ in range(2):
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=proxy_controller_options())
+        port = serve.context._get_global_client().http_config.port
+        if proxy_failover_active(f"http://127.0.0.1:{port}/no-such-app"):
+            return port
+        serve.shutdown()
+    raise AssertionError("Serve's proxy did not load pipelines.serve.proxy")
 
 
 def _deploy(run_dir, port, name, **options):
@@ -166,6 +177,85 @@ def test_parse_predict_shapes_and_options():
         resolve_classes(PredictRequest([b""], groups=[2]), NAMES, [0, 1] * 6)
 
 
+# -- the proxy hook (no Ray: a stand-in for Serve's proxy) -------------------------------------------
+def _asgi(app, path: str, body: bytes = b"", method: str = "POST") -> tuple[int, dict, dict]:
+    """One request through an ASGI app: (status, headers, JSON body)."""
+    chunks = [body[i:i + 1000] for i in range(0, len(body), 1000)] or [b""]
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    out = []
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+
+    async def send(message):
+        out.append(message)
+
+    asyncio.run(app({"type": "http", "method": method, "path": path, "root_path": "", "headers": []}, receive, send))
+    start = next(m for m in out if m["type"] == "http.response.start")
+    text = b"".join(m.get("body", b"") for m in out if m["type"] == "http.response.body")
+    return start["status"], {bytes(k).decode(): bytes(v).decode() for k, v in start["headers"]}, json.loads(text)
+
+
+class _FakeProxy:
+    """Serve's proxy as the hook sees it: writes the route prefix into root_path; answers nothing
+    for a request whose replica "died"; answers /healthz while a replica is "up"."""
+
+    def __init__(self, dies: int, up: bool):
+        self.dies, self.up, self.bodies = dies, up, []
+
+    async def __call__(self, scope, receive, send):
+        if not scope["path"].startswith("/tree/"):
+            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+            return await send({"type": "http.response.body", "body": b"Path not found."})
+        scope["root_path"] += "/tree"
+        if scope["path"].endswith("/healthz"):
+            if not self.up:
+                await asyncio.Event().wait()  # no replica: the request waits in the proxy
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            return await send({"type": "http.response.body", "body": b"{}"})
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        if self.dies:
+            self.dies -= 1
+            return  # the replica died: Serve's proxy sends nothing (uvicorn then answers a plain 500)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps({"size": len(body)}).encode()})
+
+
+def test_proxy_hook_replays_a_request_whose_replica_died():
+    from pipelines.serve.proxy import TrunkFailover
+
+    inner = _FakeProxy(dies=1, up=True)
+    status, headers, answer = _asgi(TrunkFailover(inner), "/tree/predict", b"x" * 5000)
+    assert status == 200 and answer == {"size": 5000} and headers["x-splitnet-proxy"] == "failover"
+    assert inner.bodies == [b"x" * 5000] * 2  # the whole body, sent again
+    # a body over what the hook keeps cannot be sent twice: a 503 that says so
+    status, _, answer = _asgi(TrunkFailover(_FakeProxy(dies=1, up=True), replay_max_bytes=1000), "/tree/predict",
+                              b"x" * 5000)
+    assert status == 503 and "too large to send again" in answer["error"]
+
+
+def test_proxy_hook_answers_503_json_while_no_trunk_replica_answers():
+    from pipelines.serve.proxy import TrunkFailover
+
+    hook = TrunkFailover(_FakeProxy(dies=1, up=False), watch_after_s=0.05, probe_timeout_s=0.2)
+    status, headers, answer = _asgi(hook, "/tree/predict", b"x")
+    assert status == 503 and headers["retry-after"] == "1" and "trunk is unavailable" in answer["error"]
+    # the proxy's own plain-text answers to the tree's routes come as {"error"}; other paths are left alone
+    status, headers, answer = _asgi(TrunkFailover(_FakeProxy(0, True)), "/elsewhere/healthz", method="GET")
+    assert status == 404 and answer == {"error": "Path not found."} and headers["content-type"] == "application/json"
+    inner = _FakeProxy(0, True)
+    with pytest.raises(json.JSONDecodeError):
+        _asgi(TrunkFailover(inner), "/-/healthz", method="GET")  # Serve's own health route: untouched
+
+
 # -- the app over HTTP -------------------------------------------------------------------------------
 def test_served_predictions_equal_the_offline_tree(app, offline, photos):
     status, answer, _ = post(app + "/predict", json.dumps({
@@ -259,6 +349,95 @@ def test_bad_input_gets_a_4xx_json_error_and_the_service_keeps_answering(app, ph
     assert got == status and set(answer) == {"error"} and message in answer["error"], (got, answer)
     got, answer, _ = post(app + "/predict", photos[0])
     assert got == 200 and answer["predictions"][0]["top_k"]
+
+
+# -- over-limit bodies, as each common client sends them ----------------------------------------
+BIG = 40 * 2**20  # the issue's body: over LIMITS' 300 KB, under the 64 MiB the ingress reads to drop
+
+
+def _slowly(body: bytes, chunk: int = 2**18, pause_s: float = 0.01):
+    """The body as a slow uplink sends it (32 pauses for 8 MiB): still arriving when the 413 is
+    ready, so a server that answers and closes resets the connection every time."""
+    for i in range(0, len(body), chunk):
+        if i:
+            time.sleep(pause_s)
+        yield body[i:i + chunk]
+
+
+def _urllib(url: str, body, content_type: str, length: int | None = None):
+    """urllib sends "Connection: close" and writes the whole body before it reads the answer."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "Content-Type": content_type, **({"Content-Length": str(length)} if length else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _http_client(url: str, body, content_type: str, length: int | None = None, close: bool = False):
+    """http.client writes the whole body before it reads the answer (keep-alive unless ``close``;
+    an iterable body without ``length`` goes chunked)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    headers = {"Content-Type": content_type, **({"Connection": "close"} if close else {}),
+               **({"Content-Length": str(length)} if length else {})}
+    conn.request("POST", parts.path, body=body, headers=headers, encode_chunked=not length and not isinstance(body, bytes))
+    response = conn.getresponse()
+    try:
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def _requests(url: str, body, content_type: str):  # keep-alive; an iterable body goes chunked
+    requests = pytest.importorskip("requests")
+    r = requests.post(url, data=body, timeout=120, headers={"Content-Type": content_type})
+    return r.status_code, r.json()
+
+
+def _curl(url: str, body: bytes, content_type: str, http10: bool = False):
+    if not shutil.which("curl"):
+        pytest.skip("no curl")
+    out = subprocess.run(["curl", "-sS", *(["-0"] if http10 else []), "-H", f"Content-Type: {content_type}",
+                          "--data-binary", "@-", "-w", "\n%{http_code}", url], input=body, capture_output=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    answer, _, code = out.stdout.decode().rpartition("\n")
+    return int(code), json.loads(answer)
+
+
+def _many_images(photos) -> bytes:  # a JSON body of base64 images, 8 MiB of them
+    return json.dumps({"images": [_b64(photos[0])] * (8 * 2**20 // len(_b64(photos[0])))}).encode()
+
+
+SLOW = 8 * 2**20
+OVER_LIMIT_CLIENTS = {
+    "urllib, 40 MiB": lambda url, photos: _urllib(url, b"\xff" * BIG, "image/jpeg"),
+    "urllib, slow upload": lambda url, photos: _urllib(url, _slowly(b"\xff" * SLOW), "image/jpeg", SLOW),
+    "urllib, JSON of many base64 images, slow upload": lambda url, photos: (lambda b: _urllib(
+        url, _slowly(b), "application/json", len(b)))(_many_images(photos)),
+    "http.client, 40 MiB whole body first": lambda url, photos: _http_client(url, b"\xff" * BIG, "image/jpeg"),
+    "http.client, slow upload, Connection: close": lambda url, photos: _http_client(
+        url, _slowly(b"\xff" * SLOW), "image/jpeg", SLOW, close=True),
+    "http.client, chunked slow upload, Connection: close": lambda url, photos: _http_client(
+        url, _slowly(b"\xff" * SLOW), "image/jpeg", close=True),
+    "requests, chunked slow upload": lambda url, photos: _requests(url, _slowly(b"\xff" * SLOW), "image/jpeg"),
+    "requests, 40 MiB": lambda url, photos: _requests(url, b"\xff" * BIG, "image/jpeg"),
+    "curl, 40 MiB": lambda url, photos: _curl(url, b"\xff" * BIG, "image/jpeg"),
+    "curl, HTTP/1.0, 40 MiB": lambda url, photos: _curl(url, b"\xff" * BIG, "image/jpeg", http10=True),
+}
+
+
+@pytest.mark.parametrize("client", list(OVER_LIMIT_CLIENTS))
+def test_an_over_limit_body_gets_the_413_json_with_every_client(app, photos, client):
+    """Not a connection reset: before this, urllib (it sends Connection: close and writes the whole
+    body before reading) got ConnectionResetError, as did anything else that closes."""
+    status, answer = OVER_LIMIT_CLIENTS[client](app + "/predict", photos)
+    assert status == 413 and set(answer) == {"error"} and "over the limit of 300000 bytes" in answer["error"], answer
+    assert post(app + "/predict", photos[0])[0] == 200
 
 
 def test_healthz_metadata_and_unknown_routes(app, run_dir):
@@ -362,6 +541,59 @@ def test_single_replica_death_answers_503_fast_and_recovers(run_dir, http_port, 
         assert get(url + "/healthz")[1]["status"] == "ok"
     finally:
         serve.delete("faults1")
+
+
+def test_killing_one_of_two_trunk_replicas_loses_no_request(run_dir, http_port, photos):
+    """The trunk is the ingress: the proxy replays a request whose trunk replica died on the other
+    one (pipelines.serve.proxy; Serve's proxy alone answers those with a plain 500)."""
+    from ray import serve
+
+    url = _deploy(run_dir, http_port, "trunk2", trunk_replicas=2)
+    try:
+        before = replica_pids("trunk2")
+        assert len(before["trunk"]) == 2
+        results: list = []
+        done = []
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(_load, url, photos[0], lambda: bool(done), results) for _ in range(6)]
+            wait_for(lambda: len(results) >= 20, "load to start")
+            os.kill(before["trunk"][0], signal.SIGKILL)
+            killed_at = len(results)
+            wait_for(lambda: len(results) >= killed_at + 60, "requests after the kill")
+            done.append(1)
+            for f in futures:
+                f.result()
+        statuses = [s for s, _ in results]
+        assert statuses.count(200) == len(statuses), [r for r in results if r[0] != 200][:3]
+        after = wait_for(lambda: (lambda p: p if len(p.get("trunk", [])) == 2 else None)(replica_pids("trunk2")),
+                         "the trunk back to 2 replicas")
+        assert before["trunk"][0] not in after["trunk"] and before["trunk"][1] in after["trunk"]
+    finally:
+        serve.delete("trunk2")
+
+
+def test_single_trunk_replica_death_answers_503_json_and_recovers(app, photos):
+    """With one trunk replica, requests during its restart get 503 {"error"} with Retry-After (not
+    Serve's plain 500, nor a wait for the whole restart), and answers resume by themselves."""
+    victim = replica_pids("tree")["trunk"][0]
+    assert post(app + "/predict", photos[0])[0] == 200
+    os.kill(victim, signal.SIGKILL)
+    seen = []
+
+    def answered():
+        status, answer, headers = post(app + "/predict", photos[0], timeout=60)
+        seen.append(status)
+        if status == 503:
+            assert set(answer) == {"error"} and "trunk" in answer["error"] and "retry" in answer["error"], answer
+            assert headers.get("Retry-After")
+        else:
+            assert status == 200, answer
+        return status == 200 and 503 in seen
+
+    wait_for(answered, "a 503 while the trunk restarts, then answers again", timeout=240, every=0.1)
+    assert set(seen) <= {200, 503}
+    assert victim not in replica_pids("tree")["trunk"]
+    assert get(app + "/healthz")[1]["status"] == "ok"
 
 
 # -- the CLI -----------------------------------------------------------------------------------------

@@ -8,12 +8,22 @@ Which knobs are light (``serve deploy`` applies them to running replicas):
 replicas are re-configured in place), ``max_ongoing_requests``. Heavy (every replica of the app
 restarts): ``args`` (the tree, mode, device, amp), ``import_path``, ``runtime_env``; and a
 deployment's ``ray_actor_options`` restarts that deployment's replicas.
+
+The proxy side (:mod:`pipelines.serve.proxy`: requests whose trunk replica died are retried, 503
+JSON while no trunk replica is up) is loaded by Serve's HTTP proxy when Serve starts with
+``PROXY_ENV`` in its controller's environment: ``deploy`` starts Serve that way,
+``serve-config --proxy-hook`` writes it into the config.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 IMPORT_PATH = "pipelines.serve.app:build"
+# Ray Serve's HTTP proxy loads ASGI middlewares from the function this variable names when it
+# starts; it inherits the Serve controller's environment. pipelines.serve.proxy retries requests
+# whose trunk replica died and answers 503 {"error"} while no trunk replica is up.
+PROXY_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "pipelines.serve.proxy:middlewares"}
+PROXY_HEADER = "x-splitnet-proxy"
 
 
 class DeployError(ValueError):
@@ -42,6 +52,7 @@ class DeployOptions:
     mode: str = "fanout"
     dense_weights: str | None = None
     limits: dict = field(default_factory=dict)
+    proxy_hook: bool = False   # add controller_options that load pipelines.serve.proxy (serve-config --proxy-hook)
 
 
 def parse_replicas(items: list[str], what: str = "--subtree-replicas") -> dict[int, int]:
@@ -102,8 +113,32 @@ def serve_config(tree: str, opts: DeployOptions) -> dict:
            "deployments": deployments}
     if opts.working_dir:
         app["runtime_env"] = {"working_dir": opts.working_dir}
-    return {"proxy_location": "EveryNode", "http_options": {"host": opts.host, "port": opts.port},
-            "applications": [app]}
+    config = {"proxy_location": "EveryNode", "http_options": {"host": opts.host, "port": opts.port},
+              "applications": [app]}
+    if opts.proxy_hook:
+        config["controller_options"] = proxy_controller_options()
+    return config
+
+
+def proxy_controller_options() -> dict:
+    """Serve ``controller_options`` that make the HTTP proxy load :mod:`pipelines.serve.proxy`.
+    Serve applies them only when it starts (a Serve already running keeps its proxy as it is)."""
+    return {"runtime_env": {"env_vars": dict(PROXY_ENV)}}
+
+
+def proxy_failover_active(url: str, timeout: float = 30) -> bool | None:
+    """Whether the proxy in front of ``url`` (the app's base URL) runs pipelines.serve.proxy (its
+    answers to the tree's routes carry the ``x-splitnet-proxy`` header); None if unreachable."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=timeout) as r:
+            return r.headers.get(PROXY_HEADER) is not None
+    except urllib.error.HTTPError as e:
+        return e.headers.get(PROXY_HEADER) is not None
+    except OSError:
+        return None
 
 
 def dump_config(config: dict, tree: str) -> str:
@@ -151,7 +186,8 @@ def deploy(config: dict) -> str:
 
     check_cluster(config)
     http = config["http_options"]
-    serve.start(http_options={"host": http["host"], "port": http["port"]})
+    serve.start(http_options={"host": http["host"], "port": http["port"]},
+                controller_options=config.get("controller_options") or proxy_controller_options())
     app = config["applications"][0]
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
     application = build_with_options(dict(app["args"]), options)

@@ -168,7 +168,7 @@ class TrunkFailover:
         return await asyncio.shield(self._probing[prefix])
 
     async def _probe(self, prefix: str) -> bool:
-        """``GET <prefix>/healthz`` through the proxy: True if a trunk replica answers 200 in time."""
+        """``GET <prefix>/healthz`` through the proxy: True if a trunk replica answers it in time."""
         path = prefix.rstrip("/") + "/healthz"
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
                  "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
@@ -191,7 +191,9 @@ class TrunkFailover:
             await asyncio.wait_for(self.app(scope, receive, send), self.probe_timeout_s)
         except Exception:  # noqa: BLE001 — a timeout or a failure both mean "no answer"
             pass
-        ok = status[:1] == [200]
+        # Any answer but the proxy's own "no replica" kinds means a replica took the request (an
+        # app without /healthz answers 404: its replicas are up all the same).
+        ok = bool(status) and status[0] < 500 and status[0] != 408
         if ok:
             self._alive_at[prefix] = time.monotonic()
         return ok

@@ -126,7 +126,7 @@ def proxy_controller_options() -> dict:
     return {"runtime_env": {"env_vars": dict(PROXY_ENV)}}
 
 
-def proxy_failover_active(url: str, timeout: float = 30) -> bool | None:
+def proxy_failover_active(url: str, timeout: float = 5) -> bool | None:
     """Whether the proxy in front of ``url`` (the app's base URL) runs pipelines.serve.proxy (its
     answers to the tree's routes carry the ``x-splitnet-proxy`` header); None if unreachable."""
     import urllib.error

@@ -1,7 +1,10 @@
 """Training and evaluation loops in plain PyTorch (Ray Train wraps these; nothing here imports Ray).
 
-``train_one_epoch`` adds the SplitNet regularizers to the cross-entropy when ``reg_weights`` is
-given (the grouping stage); without them it is plain training (baseline, finetune).
+``train_one_epoch`` adds the SplitNet grouping objective to the cross-entropy when a
+:class:`~splitnet.grouping.Grouping` is given (the grouping stage: regularizers, proximal step,
+phases); without it it is plain training (baseline, finetune). The step itself never waits for the
+device: losses, accuracy and the regularizer terms are summed on the device and read once per
+``log_every`` steps and at the end of the epoch.
 """
 from __future__ import annotations
 
@@ -13,71 +16,109 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .grouping import Grouping, GroupingSchedule
 from .metrics import topk_correct
-from .regularizers import RegularizerWeights, regularization_loss
+from .regularizers import RegularizerWeights
+
+TERMS = ("weight", "disjoint", "balance")
+
+
+def _prox_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The split weights' effective step ``lr / (1 - momentum)`` (what a gradient step moves them by)."""
+    groups = optimizer.param_groups
+    g = next((g for g in groups if g.get("name") == "split_weights"), groups[0])
+    return g["lr"] / max(1.0 - g.get("momentum", 0.0), 1e-3)
 
 
 def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
-                    reg_weights: RegularizerWeights | None = None, split_model=None, device="cpu",
-                    max_steps: int | None = None, amp_dtype: torch.dtype | None = None,
+                    grouping: Grouping | None = None, reg_weights: RegularizerWeights | None = None,
+                    split_model=None, device="cpu", max_steps: int | None = None,
+                    amp_dtype: torch.dtype | None = None, channels_last: bool = False, global_step: int = 0,
+                    log_every: int = 0, on_log: Callable[[dict], None] | None = None,
                     before_step: Callable[[int], None] | None = None,
                     after_step: Callable[[int], None] | None = None) -> dict:
     """One pass over ``batches`` of (images [B,3,H,W], labels [B]).
 
+    ``grouping``: the grouping stage's driver (its phase follows ``global_step``, the stage's step
+    count before this epoch). ``reg_weights`` alone means the reference objective at every step.
     ``split_model``: the module whose assignments the regularizers read (defaults to ``model``;
     differs when ``model`` is wrapped, e.g. by DDP). ``amp_dtype``: autocast the forward pass
-    (e.g. ``torch.bfloat16``); the regularizers stay in float32. ``before_step(i)`` runs before
-    step ``i`` (a learning-rate schedule), ``after_step(i)`` after it (mid-epoch checkpoints).
+    (e.g. ``torch.bfloat16``, also on CPUs with AVX-512 BF16); the regularizers stay in float32.
+    ``channels_last``: feed NHWC images (faster convolutions on CPU and GPU). ``before_step(i)`` runs
+    before step ``i`` (a learning-rate schedule), ``after_step(i)`` after it (checkpoints).
+    ``on_log(stats)`` gets the running means every ``log_every`` steps (the only other host sync).
     Returns mean loss, ce, accuracy, images/s and, when grouping, the mean regularizer terms.
     """
     model.train()
     split_model = split_model if split_model is not None else model
-    totals = {"loss": 0.0, "ce": 0.0, "weight": 0.0, "disjoint": 0.0, "balance": 0.0}
-    seen = correct = steps = 0
+    if grouping is None and reg_weights is not None:
+        grouping = Grouping(split_model, reg_weights, GroupingSchedule(method="reference"), total_steps=0)
+    dev = torch.device(device)
+    # running sums on the device: loss, ce, correct, images, and the terms (with the steps that had them)
+    sums = torch.zeros(4 + len(TERMS) + 1, dtype=torch.float64, device=dev)
+    steps = 0
     start = time.perf_counter()
-    device_type = torch.device(device).type
+    device_type = dev.type
     for x, y in batches:
         if max_steps is not None and steps >= max_steps:
             break
         if before_step is not None:
             before_step(steps)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
             logits = model(x)
         logits = logits.float()
         ce = F.cross_entropy(logits, y)
         loss = ce
-        if reg_weights is not None:
-            reg, terms = regularization_loss(split_model, reg_weights)
-            loss = ce + reg
-            for k, v in terms.items():
-                totals[k] += v * len(y)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {steps}; lower the learning rate")
+        terms = {}
+        if grouping is not None:
+            reg, terms = grouping.loss(global_step + steps)
+            if reg is not None:
+                loss = ce + reg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        totals["loss"] += loss.item() * len(y)
-        totals["ce"] += ce.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
+        if grouping is not None:
+            grouping.after_step(global_step + steps, _prox_lr(optimizer))
+        n = len(y)
+        # in place on the device, python scalars as kernel arguments: no host sync, no host->device copy
+        sums[:3] += torch.stack([loss.detach() * n, ce.detach() * n, (logits.detach().argmax(1) == y).sum()]).to(sums.dtype)
+        sums[3] += n
+        if terms:
+            sums[4:4 + len(TERMS)] += torch.stack([terms[k] for k in TERMS]).to(sums.dtype) * n
+            sums[-1] += n
         steps += 1
+        if log_every and on_log is not None and steps % log_every == 0:
+            on_log(_means(sums.tolist(), steps, time.perf_counter() - start))
         if after_step is not None:
             after_step(steps)
         if max_steps is not None and steps >= max_steps:
             break
-    elapsed = time.perf_counter() - start
-    out = {k: v / max(seen, 1) for k, v in totals.items()}
-    if reg_weights is None:
-        for k in ("weight", "disjoint", "balance"):
-            out.pop(k)
-    out.update(acc=correct / max(seen, 1), images=seen, images_per_s=seen / max(elapsed, 1e-9), steps=steps)
+    out = _means(sums.tolist(), steps, time.perf_counter() - start)
+    if grouping is None:
+        for k in TERMS:
+            out.pop(k, None)
+    return out
+
+
+def _means(sums: list[float], steps: int, elapsed: float) -> dict:
+    """Running sums -> means; raises FloatingPointError when the loss is no longer finite."""
+    loss, ce, correct, seen = sums[:4]
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss / max(seen, 1)} after {steps} steps; lower the learning rate")
+    out = {"loss": loss / max(seen, 1), "ce": ce / max(seen, 1), "acc": correct / max(seen, 1),
+           "images": int(seen), "images_per_s": seen / max(elapsed, 1e-9), "steps": steps}
+    reg_seen = sums[-1]
+    for i, k in enumerate(TERMS):
+        out[k] = sums[4 + i] / reg_seen if reg_seen else float("nan")
     return out
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Iterable, device="cpu", amp_dtype: torch.dtype | None = None,
-             max_batches: int | None = None) -> dict:
+             max_batches: int | None = None, channels_last: bool = False) -> dict:
     """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` (eval mode) over ``batches``."""
     model.eval()
     n = top1 = top5 = 0
@@ -87,6 +128,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device="cpu", amp_dtype:
         if max_batches is not None and i >= max_batches:
             break
         x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
             logits = model(x)
         logits = logits.float()
@@ -98,15 +141,30 @@ def evaluate(model: torch.nn.Module, batches: Iterable, device="cpu", amp_dtype:
     return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "loss": loss / max(n, 1), "images": n}
 
 
-def format_epoch(stage: str, epoch: int, epochs: int, stats: dict, val: dict | None = None) -> str:
-    """One progress line: ``[group] epoch 3/10 loss 2.91 ce 2.41 acc 0.38 ... 812 img/s``."""
+def format_epoch(stage: str, epoch: int, epochs: int, stats: dict, val: dict | None = None,
+                 eta_s: float | None = None) -> str:
+    """One progress line: ``[group] epoch 3/10 | loss 2.91 | ce 2.41 | acc 0.38 | ... | 812 img/s``.
+
+    While grouping, ``stats`` may also hold ``phase`` and ``off_block`` (the largest off-block
+    energy fraction of any split layer), printed after the regularizer terms.
+    """
     parts = [f"[{stage}] epoch {epoch}/{epochs}", f"loss {stats['loss']:.3f}", f"ce {stats['ce']:.3f}",
              f"acc {stats['acc']:.3f}"]
-    for k in ("weight", "disjoint", "balance"):
-        if k in stats:
+    for k in TERMS:
+        if k in stats and math.isfinite(stats[k]):
             parts.append(f"{k} {stats[k]:.3f}")
+    if "phase" in stats:
+        parts.append(f"phase {stats['phase']}")
+    if "off_block" in stats:
+        parts.append(f"off-block {stats['off_block']:.2%}")
     if val:
         parts.append(f"val top1 {val['top1']:.3f}")
     parts.append(f"{stats['images_per_s']:.0f} img/s")
+    if eta_s is not None:
+        parts.append(f"ETA {_clock(eta_s)}")
     return " | ".join(parts)
 
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"

@@ -1,0 +1,315 @@
+"""The grouping stage on a budget: how the SplitNet objective is scheduled so that the weights
+between groups actually reach zero, and the number that says whether the cut will be cheap.
+
+The objective is the paper's (:mod:`splitnet.regularizers`): ``CE + g1 disjoint + g2 weight +
+g3 balance``. With plain (sub)gradient SGD (``method: reference``, what the authors' code runs)
+the group-lasso term removes only ~1e-3 x g2 of an off-block weight's norm per step, so the blocks
+empty only over the reference's ~200k steps; a short schedule cuts away weights the model still
+uses. ``method: staged`` (the default) runs the same terms in three phases of the stage's steps:
+
+1. **warm-up** (``warmup`` of the steps): cross-entropy only, assignments frozen at their init.
+   The features first learn something worth grouping; assignments that start moving on random
+   weights harden on init noise.
+2. **assign**: the full objective. The assignments learn from the weights (the group-weight term
+   is what carries the weights' structure into them; the disjoint term hardens them, the balance
+   term keeps the groups apart). ``assignment_lr_mult`` scales their learning rate.
+3. **sparsify** (the last ``sparsify`` of the steps): the hard assignment (argmax with the cut's
+   minimum-size rule, :func:`splitnet.tree.hard_assignment`) is fixed; the group-weight term on it
+   is applied as its proximal step after every SGD step: block soft-thresholding of every
+   off-block row segment ``W[out in b, i]`` and column segment ``W[j, in in a]``, with the
+   reference coefficients times a strength that ramps geometrically from 1 to
+   ``sparsify_strength``. Segments reach exactly zero; cross-entropy trains the diagonal blocks
+   meanwhile. The very last step projects what is left (report: ``off_block_energy`` before it),
+   so the cut drops only zeros and the tree computes the grouped model's function.
+
+:func:`off_block_energy` is the fraction of each split layer's weight energy (sum of W^2) that
+lies off the diagonal blocks of a hard assignment: what the cut would throw away.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .models.base import SplitModel
+from .regularizers import RegularizerWeights, init_std, regularizer_terms
+
+METHODS = ("reference", "staged")
+
+
+@dataclass
+class GroupingSchedule:
+    """How the grouping stage's steps are used (see the module docstring).
+
+    ``warmup`` / ``sparsify``: fractions of the stage's steps (``staged`` only; ``reference``
+    ignores them). ``sparsify_strength``: the proximal step's multiplier of the group-weight
+    coefficient at the end of its geometric ramp (1 = the reference coefficient).
+    """
+
+    method: str = "staged"
+    warmup: float = 0.25
+    sparsify: float = 0.35
+    sparsify_strength: float = 100.0
+    disjoint_hold: float = 0.5
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"grouping method {self.method!r}: use one of {', '.join(METHODS)}")
+        if not (0 <= self.warmup < 1 and 0 <= self.sparsify < 1 and self.warmup + self.sparsify < 1):
+            raise ValueError(f"grouping phases warmup={self.warmup}, sparsify={self.sparsify}: each in [0, 1) and "
+                             "together below 1 (the assign phase needs steps)")
+        if self.sparsify_strength < 1:
+            raise ValueError(f"sparsify_strength {self.sparsify_strength}: must be >= 1")
+        if not 0 <= self.disjoint_hold < 1:
+            raise ValueError(f"disjoint_hold {self.disjoint_hold}: must be in [0, 1)")
+
+    def disjoint_factor(self, step: int, total: int) -> float:
+        """Multiplier of the disjoint coefficient: 0 for the first ``disjoint_hold`` of the assign
+        phase, then a linear ramp to 1 at its end (``reference``: always 1)."""
+        if self.method == "reference":
+            return 1.0
+        start, end = self.warmup * total, (1 - self.sparsify) * total
+        hold_end = start + self.disjoint_hold * (end - start)
+        if step < hold_end:
+            return 0.0
+        return min(1.0, (step - hold_end) / max(end - hold_end, 1))
+
+    def phase(self, step: int, total: int) -> str:
+        """``warmup``, ``assign`` or ``sparsify`` for global step ``step`` of ``total``."""
+        if self.method == "reference":
+            return "assign"
+        t = step / max(total, 1)
+        if t < self.warmup:
+            return "warmup"
+        if t >= 1 - self.sparsify:
+            return "sparsify"
+        return "assign"
+
+    def strength(self, step: int, total: int) -> float:
+        """Multiplier of the proximal threshold at ``step`` (sparsify phase): 1 -> sparsify_strength."""
+        start = (1 - self.sparsify) * total
+        span = max(total - start, 1)
+        t = min(max((step - start) / span, 0.0), 1.0)
+        return self.sparsify_strength ** t
+
+
+# ---- off-block energy -----------------------------------------------------------------------
+
+def _energy(weight: torch.Tensor) -> torch.Tensor:
+    """Sum of W^2 over the k x k taps: [Dout, Din]."""
+    w2 = weight.detach().float().pow(2)
+    return w2.flatten(2).sum(2) if w2.dim() > 2 else w2
+
+
+@torch.no_grad()
+def off_block_energy(model: SplitModel, hard) -> dict[str, float]:
+    """Fraction of each split layer's sum of W^2 that lies off the diagonal blocks of ``hard``.
+
+    hard: a :class:`splitnet.tree.HardAssignment` (e.g. ``hard_assignment(model)``). Returns
+    ``{layer name: fraction in [0, 1]}`` for every split layer; 0 means the cut drops nothing.
+    """
+    out = {}
+    for layer in model.split_layers():
+        w = layer.module.weight
+        gin = hard.group_of(layer.in_set, layer.groups).to(w.device)
+        gout = hard.group_of(layer.out_set, layer.groups).to(w.device)
+        e = _energy(w)
+        off = (gout[:, None] != gin[None, :])
+        total = float(e.sum())
+        out[layer.name] = float(e[off].sum()) / total if total > 0 else 0.0
+    return out
+
+
+# ---- the proximal step ----------------------------------------------------------------------
+
+class BlockProx:
+    """The proximal step of the group-weight term for a fixed hard assignment.
+
+    For every split layer it keeps the group ids of inputs and outputs; :meth:`step` applies block
+    soft-thresholding to every off-block row segment (one input, the outputs of one other group)
+    and then to every off-block column segment (one output, the inputs of one other group), with
+    the thresholds the reference normalization gives each segment (``lr * g2 * w_l * c``, with the
+    layers' self-weights ``w_l = S_l / sum S``) times ``strength``.
+
+    Layers are batched as the regularizers are (:class:`splitnet.regularizers.RegularizerPlan`):
+    per size class a padded [L, Dout, Din] energy, the segment norms of every layer and group from
+    two ``bmm`` s with the one-hot assignments, and one ``_foreach_mul_`` that scales every weight.
+    No host sync.
+    """
+
+    def __init__(self, model: SplitModel, hard):
+        from .regularizers import _size_classes
+
+        entries = []
+        for pos, layer in enumerate(model.split_layers()):
+            w = layer.module.weight
+            g = layer.groups
+            din, dout = w.shape[1], w.shape[0]
+            taps = math.sqrt(w[0, 0].numel())  # sqrt(mean over taps) = ||.|| / k
+            norm = 2 * (g - 1) * init_std(w) / g
+            entries.append({"pos": pos, "layer": layer, "groups": g, "din": din, "dout": dout,
+                            "row_c": 1.0 / (taps * din * math.sqrt(dout) * norm),
+                            "col_c": 1.0 / (taps * math.sqrt(din) * dout * norm)})
+        self.names = [e["layer"].name for e in entries]
+        self.classes, order = [], []
+        for members in _size_classes(entries):
+            g = members[0]["groups"]
+            din, dout = max(m["din"] for m in members), max(m["dout"] for m in members)
+            device = members[0]["layer"].module.weight.device
+            gin = torch.full((len(members), din), -1, dtype=torch.long)
+            gout = torch.full((len(members), dout), -1, dtype=torch.long)
+            for k, m in enumerate(members):
+                lay = m["layer"]
+                gin[k, :m["din"]] = hard.group_of(lay.in_set, g)
+                gout[k, :m["dout"]] = hard.group_of(lay.out_set, g)
+            groups = torch.arange(g)
+            p_hard = (gin[:, None, :] == groups[None, :, None]).float()     # [L, g, Din] one-hot (0 on padding)
+            q_hard = (gout[:, None, :] == groups[None, :, None]).float()    # [L, g, Dout]
+            off = (gout[:, :, None] != gin[:, None, :]) & (gout[:, :, None] >= 0) & (gin[:, None, :] >= 0)
+            self.classes.append({
+                "weights": [m["layer"].module.weight for m in members], "din": din, "dout": dout,
+                "p": p_hard.to(device), "q": q_hard.to(device), "off": off.to(device),
+                "row_c": torch.tensor([m["row_c"] for m in members], device=device),
+                "col_c": torch.tensor([m["col_c"] for m in members], device=device)})
+            order += [m["pos"] for m in members]
+        self.inverse = torch.argsort(torch.tensor(order, dtype=torch.long)) if order else torch.zeros(0, dtype=torch.long)
+        if self.classes:
+            self.inverse = self.inverse.to(self.classes[0]["p"].device)
+
+    def _energy(self, c) -> torch.Tensor:
+        from .regularizers import RegularizerPlan
+
+        return RegularizerPlan.padded_energy([w.detach() for w in c["weights"]], c["dout"], c["din"], mean=False)
+
+    @staticmethod
+    def _segments(c, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared norms of the off-block row segments [L, g, Din] and column segments [L, Dout, g]."""
+        off_energy = energy * c["off"]
+        return torch.bmm(c["q"], off_energy), torch.bmm(off_energy, c["p"].transpose(1, 2))
+
+    @torch.no_grad()
+    def layer_terms(self) -> torch.Tensor:
+        """S_l of every layer under the hard assignment (off-block segment norms, normalized): [L]."""
+        if not self.classes:
+            return torch.zeros(0)
+        return torch.cat(list(self._class_terms([self._energy(c) for c in self.classes])))[self.inverse]
+
+    @torch.no_grad()
+    def step(self, lr: float, coefficient: float, strength: float = 1.0) -> None:
+        """Shrink every off-block segment by ``lr * coefficient * strength * w_l * c_segment``.
+
+        Tensor ops only: nothing here waits for the device (no ``.item()``, no Python branch on a
+        tensor's value), so a GPU step is not held up by the proximal step.
+        """
+        if not self.classes:
+            return
+        energies = [self._energy(c) for c in self.classes]
+        terms = torch.cat(list(self._class_terms(energies)))
+        self_weights = terms / terms.sum().clamp_min(1e-30)     # w_l = S_l / sum S (in class order)
+        base = lr * coefficient * strength
+        start = 0
+        for c, e in zip(self.classes, energies):
+            n = len(c["weights"])
+            scale = (base * self_weights[start:start + n])[:, None, None]
+            start += n
+            rows, _ = self._segments(c, e)
+            keep_rows = (1 - scale * c["row_c"][:, None, None] / rows.sqrt().clamp_min(1e-30)).clamp_min(0)   # [L, g, Din]
+            row_factor = torch.bmm(c["q"].transpose(1, 2), keep_rows)             # [L, Dout, Din]: keep of (gout[j], i)
+            _, cols = self._segments(c, e * row_factor.pow(2))                     # column norms after the row step
+            keep_cols = (1 - scale * c["col_c"][:, None, None] / cols.sqrt().clamp_min(1e-30)).clamp_min(0)   # [L, Dout, g]
+            col_factor = torch.bmm(keep_cols, c["p"])                              # [L, Dout, Din]: keep of (j, gin[i])
+            factor = torch.where(c["off"], row_factor * col_factor, torch.ones_like(row_factor))
+            self._scale(c, factor)
+
+    def _class_terms(self, energies):
+        for c, e in zip(self.classes, energies):
+            rows, cols = self._segments(c, e)
+            yield rows.sqrt().sum((1, 2)) * c["row_c"] + cols.sqrt().sum((1, 2)) * c["col_c"]
+
+    @staticmethod
+    def _scale(c, factor: torch.Tensor) -> None:
+        """Every weight of the class times its [Dout, Din] slice of ``factor`` (broadcast over taps)."""
+        views = []
+        for k, w in enumerate(c["weights"]):
+            f = factor[k, :w.shape[0], :w.shape[1]].to(w.dtype)
+            views.append(f.reshape(*f.shape, *([1] * (w.dim() - 2))).expand_as(w))
+        torch._foreach_mul_([w.data for w in c["weights"]], views)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Set every off-block weight to exactly zero."""
+        for c in self.classes:
+            self._scale(c, (~c["off"]).float())
+
+
+# ---- the stage's driver ---------------------------------------------------------------------
+
+class Grouping:
+    """Per-step driver of the grouping stage (used by :func:`splitnet.train.train_one_epoch`).
+
+        grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule(), total_steps)
+        reg, terms = grouping.loss(step)      # add to the cross-entropy (None in warm-up/sparsify)
+        ...; optimizer.step()
+        grouping.after_step(step, lr)         # the proximal step while sparsifying
+
+    ``total_steps``: the stage's steps over all epochs. ``min_classes_per_group`` /
+    ``min_channels_per_group``: the cut's minimum-size rule, applied to the hard assignment the
+    sparsify phase fixes (so the cut later finds the same one). The state is the model's
+    parameters: on resume the same hard assignment is recomputed from the (frozen) assignments.
+    """
+
+    def __init__(self, model: SplitModel, weights: RegularizerWeights, schedule: GroupingSchedule, total_steps: int,
+                 min_classes_per_group: int = 1, min_channels_per_group: int = 1):
+        self.model, self.weights, self.schedule, self.total = model, weights, schedule, total_steps
+        self.minimum = (min_classes_per_group, min_channels_per_group)
+        self.prox: BlockProx | None = None
+        self.hard = None
+
+    def phase(self, step: int) -> str:
+        return self.schedule.phase(step, self.total)
+
+    def loss(self, step: int):
+        """(regularizer loss, terms as 0-d tensors) for ``step``, or (None, {}) when the phase has none."""
+        phase = self.phase(step)
+        if phase != "assign":
+            if phase == "sparsify":
+                self._fix_hard()
+            return None, {}
+        terms = regularizer_terms(self.model)
+        w = self.weights
+        disjoint = w.disjoint * self.schedule.disjoint_factor(step, self.total)
+        loss = disjoint * terms["disjoint"] + w.weight * terms["weight"] + w.balance * terms["balance"]
+        return loss, {k: terms[k].detach() for k in ("weight", "disjoint", "balance")}
+
+    def _fix_hard(self) -> None:
+        if self.prox is not None:
+            return
+        import torch.distributed as dist
+
+        from .tree import hard_assignment
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every worker must fix the same groups: rank 0's assignments decide (argmax ties)
+            with torch.no_grad():
+                for p in self.model.assignments.parameters():
+                    dist.broadcast(p.data, src=0)
+        self.hard = hard_assignment(self.model, *self.minimum)
+        for p in self.model.assignments.parameters():
+            p.requires_grad_(False)
+        self.prox = BlockProx(self.model, self.hard)
+
+    def after_step(self, step: int, lr: float) -> None:
+        """The proximal step (sparsify phase); the last step of the stage projects what is left."""
+        if self.phase(step) != "sparsify" or self.prox is None:
+            return
+        self.prox.step(lr, self.weights.weight or 1.0, self.schedule.strength(step, self.total))
+        if step + 1 >= self.total:
+            self.prox.project()
+
+    def off_block_energy(self) -> dict[str, float]:
+        """Off-block energy per split layer under the current hard assignment (fixed while sparsifying)."""
+        from .tree import hard_assignment
+
+        hard = self.hard if self.hard is not None else hard_assignment(self.model, *self.minimum)
+        return off_block_energy(self.model, hard)

@@ -1,0 +1,174 @@
+"""The grouping stage's mechanism (splitnet/grouping.py) on tiny models: the phases, the proximal
+step that empties the off-block weights, the off-block energy, a cut that then costs nothing, the
+reference method still selectable, and a training step that never waits for the device."""
+import math
+
+import pytest
+import torch
+
+from splitnet import build_model, cut, hard_assignment, mask_off_block_weights_
+from splitnet.grouping import BlockProx, Grouping, GroupingSchedule, off_block_energy
+from splitnet.regularizers import RegularizerWeights, parameter_groups
+from splitnet.train import train_one_epoch
+
+from conftest import randomize
+
+
+def synthetic(n=64, classes=4, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, 3, size, size, generator=g) * 0.1 + y.float().view(-1, 1, 1, 1) / classes
+    return [(x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)]
+
+
+def test_phases_follow_the_fractions_and_reference_is_always_the_objective():
+    s = GroupingSchedule("staged", warmup=0.25, sparsify=0.25)
+    assert [s.phase(i, 8) for i in range(8)] == ["warmup"] * 2 + ["assign"] * 4 + ["sparsify"] * 2
+    ref = GroupingSchedule("reference", warmup=0.25, sparsify=0.25)
+    assert {ref.phase(i, 8) for i in range(8)} == {"assign"} and ref.disjoint_factor(0, 8) == 1.0
+    # disjoint coefficient: held at 0 for the first half of the assign phase, then ramped to 1
+    s = GroupingSchedule("staged", warmup=0.2, sparsify=0.2, disjoint_hold=0.5)
+    factors = [s.disjoint_factor(i, 100) for i in range(100)]
+    assert factors[20:50] == [0.0] * 30 and 0 < factors[60] < 1 and factors[80] == 1.0
+    assert s.strength(80, 100) == pytest.approx(1.0) and s.strength(100, 100) == pytest.approx(100.0)
+    for bad in (dict(method="magic"), dict(warmup=0.6, sparsify=0.5), dict(sparsify_strength=0.5)):
+        with pytest.raises(ValueError):
+            GroupingSchedule(**bad)
+
+
+def test_off_block_energy_is_the_share_of_w2_between_groups():
+    model = randomize(build_model("wrn-10-1", 6, "2-2-2"))
+    hard = hard_assignment(model)
+    energy = off_block_energy(model, hard)
+    assert set(energy) == {layer.name for layer in model.split_layers()}
+    fc = next(layer for layer in model.split_layers() if layer.name == "fc")
+    gin, gout = hard.group_of(fc.in_set, 2), hard.group_of(fc.out_set, 2)
+    w2 = model.fc.weight.detach().pow(2)
+    expected = float(w2[gout[:, None] != gin[None, :]].sum() / w2.sum())
+    assert energy["fc"] == pytest.approx(expected, rel=1e-5) and 0.2 < energy["fc"] < 0.8
+    mask_off_block_weights_(model, hard)
+    assert max(off_block_energy(model, hard).values()) == 0.0
+
+
+def _row_segments(w, gin, gout):
+    """Norm of every input's off-block row segment (its weights to the other group's outputs): [Din]."""
+    e = w.detach().pow(2)
+    return torch.stack([e[gout != gin[i], i].sum().sqrt() for i in range(w.shape[1])])
+
+
+def test_proximal_step_is_block_soft_thresholding():
+    """A row segment below its threshold becomes exactly zero, a larger one loses exactly the
+    threshold from its norm, and the diagonal blocks are untouched."""
+    model = randomize(build_model("wrn-10-1", 4, "1-1-2"))  # only the classifier is split, 2 groups
+    hard = hard_assignment(model)
+    gin, gout = hard.group_of(model.split_graph().features, 2), hard.group_of("classes", 2)
+    w = model.fc.weight
+    before, norms = w.detach().clone(), _row_segments(w, gin, gout)
+    prox = BlockProx(model, hard)
+    (cls,) = prox.classes
+    row_c = float(cls["row_c"][0])
+    tau = float(norms.median())
+    cls["col_c"].zero_()  # the row step alone (one layer: its self-weight is 1)
+    prox.step(lr=tau / row_c, coefficient=1.0)
+    after = _row_segments(w, gin, gout)
+    small = norms <= tau
+    assert small.any() and (~small).any()
+    assert (after[small] == 0).all()
+    assert torch.allclose(after[~small], norms[~small] - tau, atol=1e-5)
+    off = gout[:, None] != gin[None, :]
+    assert torch.equal(w.detach()[~off], before[~off])
+    prox.project()
+    assert (w.detach()[off] == 0).all() and torch.equal(w.detach()[~off], before[~off])
+
+
+def test_fused_regularizers_equal_the_formulas_and_cost_few_ops():
+    """The batched RegularizerPlan computes the reference's values and gradients (every arch and
+    split shape: merged levels, projections, bottlenecks), with >= 5x fewer compute ops."""
+    from splitnet.profiling import count_ops
+    from splitnet.regularizers import regularizer_terms, regularizer_terms_reference
+
+    for arch, split, classes in (("wrn-10-1", "2-2-2", 10), ("wrn-10-1", "1-2-4", 10), ("resnet18", "2-4", 20),
+                                 ("resnet50", "4-4", 30)):
+        model = randomize(build_model(arch, classes, split))
+        fused, ref = regularizer_terms(model), regularizer_terms_reference(model)
+        for k in ("weight", "disjoint", "balance", "per_layer"):
+            assert torch.allclose(fused[k], ref[k], rtol=1e-5, atol=1e-7), (arch, split, k)
+        params = [p for p in model.parameters()]
+        g_fused = torch.autograd.grad(sum(fused[k] for k in ("weight", "disjoint", "balance")), params, allow_unused=True)
+        g_ref = torch.autograd.grad(sum(ref[k] for k in ("weight", "disjoint", "balance")), params, allow_unused=True)
+        for a, b in zip(g_fused, g_ref):
+            a = torch.zeros(()) if a is None else a
+            b = torch.zeros(()) if b is None else b
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), arch
+
+    model = build_model("wrn-16-4", 100, "2-2-2")
+
+    def compute_ops(fn) -> int:
+        def step():
+            t = fn(model)
+            (t["disjoint"] + t["weight"] + 10 * t["balance"]).backward()
+        return count_ops(step)["compute"]
+
+    before, after = compute_ops(regularizer_terms_reference), compute_ops(regularizer_terms)
+    assert after * 5 <= before, (before, after)
+
+
+def test_sparsify_phase_empties_the_blocks_and_the_cut_equals_the_grouped_model():
+    torch.manual_seed(0)
+    model = build_model("wrn-10-1", 4, "2-2-2")
+    opt = torch.optim.SGD(parameter_groups(model, 0.05, 5e-4, assignment_lr_mult=100), lr=0.05, momentum=0.9)
+    data = synthetic()
+    epochs, steps = 6, len(data)
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.2, 0.4), epochs * steps)
+    energies, assignments = [], []
+    for e in range(epochs):
+        train_one_epoch(model, data, opt, grouping=grouping, global_step=e * steps)
+        energies.append(max(grouping.off_block_energy().values()))
+        assignments.append({k: v.detach().clone() for k, v in model.assignments.state_dict().items()})
+    assert grouping.phase(epochs * steps - 1) == "sparsify" and grouping.hard is not None
+    # assignments frozen once the hard assignment is fixed
+    assert all(torch.equal(assignments[-1][k], assignments[-2][k]) for k in assignments[-1])
+    assert energies[0] > 0.2 and energies[-1] == 0.0  # off-block weights exactly zero after the stage
+    model.eval()
+    tree = cut(model).eval()
+    assert tree.moves == [] or len(tree.moves) == len(grouping.hard.moves)
+    assert all(torch.equal(tree.hard.labels[k], grouping.hard.labels[k]) for k in tree.hard.labels)
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(tree(x), model(x), atol=1e-5)
+
+
+def test_reference_method_regularizes_every_step_and_leaves_blocks_nonzero():
+    torch.manual_seed(0)
+    model = build_model("wrn-10-1", 4, "2-2-2")
+    opt = torch.optim.SGD(parameter_groups(model, 0.05, 5e-4, assignment_lr_mult=100), lr=0.05, momentum=0.9)
+    data = synthetic()
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("reference"), 2 * len(data))
+    stats = [train_one_epoch(model, data, opt, grouping=grouping, global_step=e * len(data)) for e in range(2)]
+    assert all(math.isfinite(s["disjoint"]) and math.isfinite(s["weight"]) for s in stats)
+    assert grouping.prox is None and max(grouping.off_block_energy().values()) > 0.05
+
+
+def test_grouping_step_never_waits_for_the_device(monkeypatch):
+    """No .item() / .cpu() / .tolist() / float() / int() / bool() on a tensor per step: the loop reads
+    its sums once at the end (issue 13). Checked in the assign and in the sparsify phase."""
+    torch.manual_seed(0)
+    model = build_model("wrn-10-1", 4, "2-2-2")
+    opt = torch.optim.SGD(parameter_groups(model, 0.05, 5e-4, assignment_lr_mult=100), lr=0.05, momentum=0.9)
+    steps = 12
+    data = [b for _ in range(3) for b in synthetic()]  # 12 batches
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.0, 0.5), 2 * steps)
+    calls = {"n": 0}
+    for name in ("item", "cpu", "tolist", "__float__", "__int__", "__bool__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, __original=original, **k):
+            calls["n"] += 1
+            return __original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    train_one_epoch(model, data, opt, grouping=grouping, global_step=0)           # assign phase, 12 steps
+    assign_calls = calls["n"]
+    grouping._fix_hard()  # the hard assignment is fixed once (argmax on the host) when sparsify starts
+    calls["n"] = 0
+    train_one_epoch(model, data, opt, grouping=grouping, global_step=steps)       # sparsify phase, 12 steps
+    assert assign_calls <= 1 and calls["n"] <= 1, (assign_calls, calls["n"])      # the one read at the end

@@ -118,6 +118,33 @@ def class_subset(items: list[Item], per_class: int, seed: int) -> list[Item]:
     return [items[i] for i in sorted(keep)]
 
 
+def select_classes(src, wanted: list[str]) -> None:
+    """Keep only the classes named in ``wanted`` (class names, or parent names standing for all
+    their classes, e.g. CIFAR-100 superclasses), relabelled 0..K-1 in the source's class order.
+    In place on ``src`` (a :class:`~pipelines.data.sources.Source`); an unknown name is an error."""
+    import dataclasses
+    import difflib
+
+    parents = src.parents or [""] * len(src.classes)
+    keep = set()
+    for name in wanted:
+        hits = [i for i, c in enumerate(src.classes) if c == name] or [i for i, p in enumerate(parents) if p == name]
+        if not hits:
+            close = difflib.get_close_matches(name, list(src.classes) + [p for p in set(parents) if p], n=1)
+            raise ValueError(f"classes: {name!r} is neither a class nor a parent of the source"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+        keep.update(hits)
+    if len(keep) < 2:
+        raise ValueError(f"classes: {wanted} selects {len(keep)} class; a split needs at least 2")
+    old = sorted(keep)
+    new_label = {o: n for n, o in enumerate(old)}
+    for split, items in src.items.items():
+        src.items[split] = [dataclasses.replace(it, label=new_label[it.label]) for it in items if it.label in new_label]
+    src.classes = [src.classes[o] for o in old]
+    if src.parents:
+        src.parents = [src.parents[o] for o in old]
+
+
 def parents_line(path, classes: list[str], parents: list[str]) -> str:
     """One log line: how many classes a parents table covers, and what the report can score."""
     missing = [c for c, p in zip(classes, parents) if not p]
@@ -134,7 +161,8 @@ def parents_line(path, classes: list[str], parents: list[str]) -> str:
 def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000, seed: int = 0,
             validate: str = "header", on_bad_record: str = "skip", max_pixels: int = DEFAULT_MAX_PIXELS,
             concurrency: int | None = None, per_class: dict[str, int] | int | None = None,
-            parents: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> dict:
+            parents: str | os.PathLike | None = None, classes: list[str] | None = None,
+            log: Callable[[str], None] = print) -> dict:
     """Convert ``source`` into shards under ``out``; returns the summary (also ``out/prepare.json``).
 
     Every split of the source gets its own shards (``train-00000.parquet``, ``val-...``,
@@ -142,7 +170,8 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
     class (an int for every split, or ``{"train": 100, "test": 20}``): class-balanced subsets for
     short schedules and rehearsals. parents: a ``class<TAB>parent`` TSV (see
     :func:`~pipelines.data.sources.read_parents`) written as the class table's parent column,
-    so the report scores the groups against it; it replaces the source's own parents.
+    so the report scores the groups against it; it replaces the source's own parents. classes:
+    keep only these classes (names, or parent names such as CIFAR-100 superclasses), relabelled.
     """
     if fmt not in FORMATS:
         raise PrepareError(f"invalid --format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -157,6 +186,8 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
         src = list_source(source)
         if parents:
             src.parents = read_parents(parents, src.classes)
+        if classes:
+            select_classes(src, list(classes))
     except (ValueError, OSError) as e:  # LayoutError and the parents file's errors are one line each
         raise PrepareError(str(e)) from None
     for warning in src.warnings:
@@ -177,7 +208,7 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
             # JSON text: a plain string column for Arrow (a list of mixed-type rows would be pickled)
             rows.append({"path": path, "items": json.dumps([it.to_row() for it in shard]), "planned": len(shard)})
     plan = {"source": str(Path(source).resolve()), "layout": src.kind, "format": fmt, "shard_size": shard_size,
-            "seed": seed, "shards": len(rows), "images": {s: len(v) for s, v in src.items.items()},
+            "seed": seed, "classes": src.classes, "shards": len(rows), "images": {s: len(v) for s, v in src.items.items()},
             "digest": plan_digest.hexdigest()}
     plan_path = out_dir / "_plan.json"
     if plan_path.exists():

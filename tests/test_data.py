@@ -376,3 +376,27 @@ def test_wordnet_categories_are_the_lexicographer_files():
 
     assert categories(["n01440764", "n02958343"]) == ["noun.animal", "noun.artifact"]  # tench, car
     assert categories(["n01440764", "n99999999"]) is None
+
+
+def test_select_classes_by_superclass_and_name_relabelled(tmp_path):
+    """data.classes / prepare --classes: superclass names stand for their classes, labels become 0..K-1,
+    the parents stay with their classes; an unknown name is one line naming it (exit 2 in the CLI)."""
+    from pipelines.data.prepare import select_classes
+    from pipelines.data.sources import list_source
+
+    src_dir = make_cifar_slice(CIFAR, tmp_path / "cifar", train=2000, test=400)
+    full = list_source(src_dir)
+    src = list_source(src_dir)
+    select_classes(src, ["vehicles_1", "apple"])
+    assert src.classes == ["apple", "bicycle", "bus", "motorcycle", "pickup_truck", "train"]
+    assert src.parents == ["fruit_and_vegetables"] + ["vehicles_1"] * 5
+    for split, items in src.items.items():
+        old = [it for it in full.items[split] if full.classes[it.label] in src.classes]
+        assert [it.key for it in items] == [it.key for it in old] and len(items) > 0
+        assert [src.classes[it.label] for it in items] == [full.classes[it.label] for it in old]
+    with pytest.raises(ValueError, match=r"'vehicles_3' is neither a class nor a parent .*did you mean 'vehicles_[12]'"):
+        select_classes(list_source(src_dir), ["vehicles_3"])
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(src_dir), "--out", str(tmp_path / "o"),
+                        "--classes", "vehicles_1,fishh"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "'fishh' is neither a class nor a parent" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/cifar100
 OUT ?= runs/demo
 
-.PHONY: venv demo serve test bench clean
+.PHONY: venv sysdeps demo serve test bench clean
 
 $(BIN)/splitnet: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,21 @@ demo: venv
 serve: venv  # the tree `make demo` trained, on Ray Serve at http://127.0.0.1:8000 (Ctrl-C stops it)
 	$(BIN)/splitnet serve $(OUT)
 
-test: venv
+# Debian's wordnet-base: WordNet names and parents of ImageNet wnids (the data and rehearsal tests
+# need it). Installed when missing and we are root with apt-get; otherwise one line says what to do.
+sysdeps:
+	@if [ ! -f /usr/share/wordnet/data.noun ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's wordnet-base (WordNet class names and parents, needed by the tests)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null; \
+	  else \
+	    echo "make test needs Debian's wordnet-base: run 'sudo apt-get install -y wordnet-base', then make test again"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+test: venv sysdeps
 	$(BIN)/python -m pytest -q tests
 
 bench: venv

@@ -67,7 +67,9 @@ def cmd_prepare(args) -> int:
     try:
         prepare(args.source, args.out, fmt=args.format, shard_size=args.shard_size, seed=args.seed,
                 validate=args.validate, on_bad_record=args.on_bad_record, max_pixels=args.max_pixels,
-                per_class=args.per_class, parents=args.parents, log=lambda line: print(line, flush=True))
+                per_class=args.per_class, parents=args.parents,
+                classes=[c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None,
+                log=lambda line: print(line, flush=True))
     except PrepareError as e:
         raise UsageError(str(e)) from None
     return 0
@@ -103,16 +105,37 @@ def cmd_run(args) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    from pathlib import Path
+
+    from pipelines.progress import QuietRun, verbose
     from pipelines.run import PipelineError, StageFailed, run
 
     os.environ.setdefault("MPLBACKEND", "Agg")
+    if args.verbose:
+        os.environ["SPLITNET_VERBOSE"] = "1"
+    # Ray's own output goes to RUN_DIR/logs (or ./splitnet-logs/NAME for a run dir on s3://)
+    logs = Path(cfg.run_dir) / "logs" if "://" not in cfg.run_dir else Path("splitnet-logs") / cfg.name
+    quiet = None if verbose() else QuietRun(logs.absolute())
+    out, err = (quiet.user_out, quiet.user_err) if quiet else (sys.stdout, sys.stderr)
     try:
-        run(cfg, log=lambda line: print(line, flush=True))
+        run(cfg, log=lambda line: print(line, file=out, flush=True), logs_dir=None if verbose() else str(logs))
     except PipelineError as e:
-        raise UsageError(str(e)) from None
+        print(f"splitnet: error: {e}", file=err)
+        return 2
     except StageFailed as e:
-        print(f"splitnet: {e}", file=sys.stderr)
+        print(f"splitnet: {e} (details in {logs})", file=err)
         return 1
+    except KeyboardInterrupt:
+        print("splitnet: interrupted; run the same command again to resume", file=err)
+        return 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc(file=err)  # a bug: the traceback belongs on the terminal
+        return 1
+    finally:
+        if quiet:
+            quiet.restore()
     return 0
 
 
@@ -238,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-record", default="skip", choices=["skip", "fail"])
     p.add_argument("--max-pixels", type=_positive_int, default=64_000_000, help="larger images are bad records")
     p.add_argument("--per-class", type=_positive_int, default=None, help="keep at most N images of each class (every split)")
+    p.add_argument("--classes", default=None, metavar="A,B,...",
+                   help="keep only these classes: class names, or parent names for all their classes "
+                        "(CIFAR-100 superclasses, e.g. vehicles_1,vehicles_2); relabelled 0..K-1")
     p.add_argument("--parents", default=None, metavar="PARENTS.tsv",
                    help="class<TAB>parent table (header optional): the class table's parents, scored in the report")
     p.set_defaults(func=cmd_prepare)
@@ -248,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlay YAML files merged over the config in order (e.g. pipelines/configs/rehearsal-cpu.yaml), "
                         "then key=value overrides, e.g. group.epochs=5 run_dir=runs/x")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's own output on the terminal too (default: in RUN_DIR/logs; also SPLITNET_VERBOSE=1)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("serve", help="deploy the tree on Ray Serve: a trunk deployment + one per subtree, over HTTP")

@@ -33,34 +33,64 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from splitnet import build_model, cut
+from splitnet import build_model, cut, hard_assignment
 from splitnet.accounting import count_weights
-from splitnet.regularizers import RegularizerWeights, parameter_groups, regularization_loss
+from splitnet.grouping import BlockProx, Grouping, GroupingSchedule
+from splitnet.profiling import count_ops
+from splitnet.regularizers import RegularizerWeights, parameter_groups, regularizer_terms, regularizer_terms_reference
 
 # split used when --split is not given: the paper's configs (resnet: layer4 + fc in 4 groups).
 DEFAULT_SPLIT = {"wrn": "2-2-2", "resnet": "4-4"}
 
 
 def make_step(model, optimizer, x, y, *, reg_weights=None, amp_dtype=None, device_type="cpu"):
-    """One training step as ``splitnet.train.train_one_epoch`` runs it (same syncs: ``loss.item()``
-    and, when grouping, the regularizer terms as floats). The regularizers are computed outside
-    autocast, in float32 (sqrt / clamp at 1e-12 of bf16 sums would lose the small terms)."""
-    def step() -> float:
+    """One training step as ``splitnet.train.train_one_epoch`` runs it while grouping (the assign
+    phase: CE + the three regularizers, fused) or plainly. Like the loop, it never waits for the
+    device: the loss stays there. The regularizers are computed outside autocast, in float32 (sqrt /
+    clamp at 1e-12 of bf16 sums would lose the small terms)."""
+    grouping = Grouping(model, reg_weights, GroupingSchedule(method="reference"), 0) if reg_weights is not None else None
+
+    def step() -> torch.Tensor:
         with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-        if reg_weights is not None:
-            reg, _terms = regularization_loss(model, reg_weights)
+        if grouping is not None:
+            reg, _terms = grouping.loss(0)
             loss = loss.float() + reg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"loss is {value}")
-        return value
+        return loss.detach()
 
     return step
+
+
+def regularizer_cost(model, sync, clock, repeats: int = 5) -> dict:
+    """The regularizers' own forward + backward: time (median of ``repeats``) and dispatched ops,
+    layer by layer as the formulas read (``before``) and batched (``after``, what training runs);
+    and the sparsify phase's proximal step (batched)."""
+    out = {}
+    for name, fn in (("before", regularizer_terms_reference), ("after", regularizer_terms)):
+        def run(fn=fn):
+            t = fn(model)
+            (t["disjoint"] + t["weight"] + 10 * t["balance"]).backward()
+        run()
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = clock()
+            run()
+            sync()
+            times.append(clock() - t0)
+        ops = count_ops(run)
+        out[name] = {"ms": statistics.median(times) * 1e3, "ops": ops["compute"], "ops_with_views": ops["top_level"]}
+    model.zero_grad(set_to_none=True)
+    prox = BlockProx(model, hard_assignment(model))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ops = count_ops(lambda: prox.step(1e-4, 1.0))
+    model.load_state_dict(state)
+    out["prox_step"] = {"ops": ops["compute"], "ops_with_views": ops["top_level"]}
+    return out
 
 
 def timed_block(step, steps: int, sync, clock=time.perf_counter) -> float:
@@ -157,6 +187,15 @@ def main(argv=None):
                      "weights": count_weights(variants[name])})
     by = {r["variant"]: r for r in rows}
     overhead_ratio = by["grouping"]["ratio_vs_dense"]
+    reg = regularizer_cost(variants["grouping"], sync, clock)
+    dense_ms = by["dense"]["ms_per_step"]
+    for k in ("before", "after"):
+        reg[k]["share_of_dense_step"] = reg[k]["ms"] / dense_ms
+    tree_ops = None
+    if "split" in variants:
+        tree_ops = count_ops(steps["split"])["compute"]
+        reg["dense_step_ops"] = count_ops(steps["dense"])["compute"]
+        reg["split_step_ops"] = tree_ops
     tag = args.tag or "-".join([args.arch, f"{args.size}px", device.type] + (["bf16"] if amp_dtype else [])
                                + (["cl"] if args.channels_last else []) + (["cputime"] if args.clock == "cpu" else []))
     result = {
@@ -169,7 +208,7 @@ def main(argv=None):
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "grouping_over_dense": overhead_ratio, "split_over_dense": by["split"]["ratio_vs_dense"] if "split" in by else None,
         "grouping_over_dense_best": by["grouping"]["best_ratio_vs_dense"],
-        "target_met": overhead_ratio >= 0.90, "rows": rows,
+        "target_met": overhead_ratio >= 0.90, "rows": rows, "regularizer": reg,
         "block_seconds_per_step": times,
     }
     out = Path(args.out_dir) / f"train_step-{tag}.json"
@@ -183,6 +222,12 @@ def main(argv=None):
         print(f"{r['variant']:9} {r['images_per_s']:9.1f} {r['ms_per_step']:9.1f} {r['ratio_vs_dense']:9.3f} "
               f"{r['ratio_spread'][0]:6.3f}-{r['ratio_spread'][1]:<6.3f} {r['best_ms_per_step']:9.1f} "
               f"{r['best_ratio_vs_dense']:8.3f} {r['weights'] / 1e6:9.2f}M")
+    b, a = reg["before"], reg["after"]
+    print(f"regularizers alone (forward + backward): before {b['ms']:.1f} ms, {b['ops']} ops ({b['ops_with_views']} with views); "
+          f"after {a['ms']:.1f} ms, {a['ops']} ops ({a['ops_with_views']}): {b['ops'] / a['ops']:.1f}x fewer ops, "
+          f"{a['share_of_dense_step']:.2%} of a dense step (target <= 3%, >= 5x fewer ops)")
+    print(f"proximal step (sparsify phase): {reg['prox_step']['ops']} ops"
+          + (f"; training step ops: dense {reg['dense_step_ops']}, split tree {reg['split_step_ops']}" if tree_ops else ""))
     print(f"grouping/dense {overhead_ratio:.3f} median of rounds, {result['grouping_over_dense_best']:.3f} best blocks "
           f"(target >= 0.90: {'met' if result['target_met'] else 'NOT met'})")
     print(f"wrote {out}")

@@ -81,21 +81,25 @@ def _done(state: dict, stage: str) -> bool:
 
 # ---- Ray ----------------------------------------------------------------------------------
 
-def _init_ray(log) -> None:
-    """Connect to the cluster of RAY_ADDRESS / a Ray job, or start a local one."""
+def _init_ray() -> str:
+    """Connect to the cluster of RAY_ADDRESS / a Ray job, or start a local one; says which.
+
+    Workers' own output (Ray Train's per-report lines, Data's warnings) reaches this terminal
+    only with ``--verbose``: the epoch lines come through the run's ProgressLog actor instead.
+    """
     import ray
 
+    from .progress import verbose
+
     if ray.is_initialized():
-        return
+        return "the running Ray"
     address = os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}}
-    if address:
-        ray.init(address=address, runtime_env=env)
-        log(f"ray: connected to {address}")
-        return
-    ray.init(runtime_env=env)
-    log(f"ray: started a local cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
-        f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    if address and address != "local":
+        ray.init(address=address, runtime_env=env, log_to_driver=verbose())
+        return f"Ray cluster {address}"
+    ray.init(address="local" if address else None, runtime_env=env, log_to_driver=verbose())
+    return "a local Ray"
 
 
 def _check_resources(cfg: PipelineConfig, log) -> None:
@@ -255,7 +259,7 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
         try:
             summary = prepare(source, shards, fmt=d.format, shard_size=d.shard_size, seed=cfg.seed,
                               on_bad_record=d.on_bad_record, max_pixels=d.max_pixels, per_class=limits,
-                              parents=d.parents or None, log=log)
+                              parents=d.parents or None, classes=d.classes or None, log=log)
         except PrepareError as e:
             raise PipelineError(str(e)) from None
     table = _class_table(shards)
@@ -269,7 +273,8 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
     records = _count_records(shards, "train")
     if not d.eval_split:
         records = int(records * (1 - d.val_fraction))
-    cifar = d.image_size == 32 and len(names) == 100
+    # CIFAR-100's channel statistics for CIFAR-100 (or a class subset of it) at 32 px, ImageNet's otherwise
+    cifar = d.image_size == 32 and (len(names) == 100 or (summary or {}).get("layout") == "cifar100")
     from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD
 
     mean = list(d.mean) or list(CIFAR100_MEAN if cifar else IMAGENET_MEAN)
@@ -391,7 +396,8 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
     spe = steps_per_epoch(cfg, stage, info.train_records)
     log(f"[{stage}] {st.epochs} epochs x {spe} steps, batch {st.batch_size} over {cfg.scaling.num_workers} workers"
         f"{' (GPU)' if cfg.scaling.use_gpu else ''}")
-    loop_config = {"cfg": to_dict(cfg), "stage": stage, "num_classes": info.num_classes, "steps_per_epoch": spe,
+    loop_config = {"cfg": to_dict(cfg), "stage": stage, "progress": getattr(log, "name", None),
+                   "num_classes": info.num_classes, "steps_per_epoch": spe,
                    "mean": info.mean, "std": info.std}
     _fit(_trainer(cfg, rd, stage, train_loop, loop_config, _datasets(cfg, info, True, epoch_seed=STAGES.index(stage))), stage)
     out = "tree" if stage == "finetune" else stage
@@ -408,8 +414,11 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
 
 def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, std) -> dict:
     """Ray task: load the grouped model, cut it into the tree, write ``cut/``."""
+    import torch
+
     from splitnet import build_model, cut
     from splitnet.accounting import model_cost
+    from splitnet.grouping import off_block_energy
 
     from .stages import load_state_file
 
@@ -422,9 +431,12 @@ def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, st
     dense_cost = model_cost(model, cfg.data.image_size)
     info = {"class_names": class_names, "mean": list(mean), "std": list(std), "input_size": cfg.data.image_size}
     tree = cut(model, cfg.cut.min_classes_per_group, cfg.cut.min_channels_per_group, info=info)
+    energy = off_block_energy(model, tree.hard)
+    sizes = {name: torch.bincount(lab, minlength=tree.hard.groups[name]).tolist() for name, lab in tree.hard.labels.items()}
     with rd.staging("cut") as d:
         tree.save(d, input_size=cfg.data.image_size, dense_cost=dense_cost)
-    return {"moves": len(tree.moves), "subtrees": len(tree.subtrees), "dense_cost": dense_cost}
+    return {"moves": len(tree.moves), "moved": tree.moves[:50], "subtrees": len(tree.subtrees), "dense_cost": dense_cost,
+            "off_block_energy": energy, "group_sizes": sizes}
 
 
 def _cut(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> None:
@@ -437,8 +449,17 @@ def _cut(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> N
     result = ray.get(ray.remote(num_cpus=min(1.0, cfg.scaling.cpus_per_worker or 1.0))(cut_stage).remote(
         to_dict(cfg), info.num_classes, info.class_names, info.mean, info.std))
     _mark(rd, state, "cut", result, time.perf_counter() - t0)
-    log(f"[cut] {result['subtrees']} subtrees written to {rd.display('cut')}; {result['moves']} members moved to keep "
-        "groups non-empty")
+    energy = result["off_block_energy"]
+    worst = max(energy, key=energy.get) if energy else None
+    log(f"[cut] {result['subtrees']} subtrees written to {rd.display('cut')}; off-block energy dropped: "
+        + (f"at most {energy[worst]:.2%} ({worst})" if worst and energy[worst] > 0 else "none (every off-block weight was zero)")
+        + f"; {result['moves']} members moved to keep groups non-empty")
+    if result["moves"]:
+        log(f"warning: the cut moved {result['moves']} members into groups that would have been (nearly) empty; the "
+            "grouping did not keep them apart (raise group.balance or train the grouping longer)")
+    for name, sizes in (result.get("group_sizes") or {}).items():
+        if sizes and max(sizes) > 2 * sum(sizes) / len(sizes):
+            log(f"warning: {name} is badly unbalanced after the cut, group sizes {sizes}")
 
 
 def _evaluate(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> dict:
@@ -485,31 +506,65 @@ def collect_bad_records(rd: RunDir, info: DataInfo) -> str:
 
 # ---- the pipeline -------------------------------------------------------------------------
 
-def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str | None = None) -> dict:
-    """Run (or resume) every stage; returns the report. ``stop_after``: a stage name (for tests)."""
+def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str | None = None,
+        logs_dir: str | None = None) -> dict:
+    """Run (or resume) every stage; returns the report. ``stop_after``: a stage name (for tests).
+    ``logs_dir``: where Ray's own output went (named in the header)."""
     import ray
 
+    from .progress import Printer, link_ray_logs, verbose
     from .report import write_report
 
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)
     _check_source(cfg)
     rd = RunDir(cfg.run_dir)
-    state = _check_run_dir(rd, cfg, log)
-    _init_ray(log)
-    ray.data.DataContext.get_current().enable_progress_bars = os.environ.get("SPLITNET_PROGRESS", "1") != "0"
-    _check_resources(cfg, log)
-    info = _prepare(cfg, rd, state, log)
-    steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log)),
-             ("group", lambda: _train_stage(cfg, rd, state, info, "group", log)),
-             ("cut", lambda: _cut(cfg, rd, state, info, log)),
-             ("finetune", lambda: _train_stage(cfg, rd, state, info, "finetune", log))]
-    for name, fn in steps:
-        fn()
+    where = _init_ray()
+    printer = Printer(log)
+    try:
+        log = printer
+        res = ray.cluster_resources()
+        ray_logs = link_ray_logs(logs_dir) if logs_dir and rd.is_local else None
+        log(f"splitnet run {cfg.name}: {cfg.model.arch} split {cfg.model.split}, run dir {rd.display()}; "
+            f"{where} with {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; "
+            f"{cfg.scaling.num_workers} workers{' on GPUs' if cfg.scaling.use_gpu else ''}"
+            + (f"; Ray's output: {logs_dir}" if logs_dir else ""))
+        if ray_logs and verbose():
+            log(f"ray session logs: {ray_logs}")
+        state = _check_run_dir(rd, cfg, log)
+        progress_env = os.environ.get("SPLITNET_PROGRESS")
+        ray.data.DataContext.get_current().enable_progress_bars = (progress_env != "0") if progress_env else verbose()
+        _check_resources(cfg, log)
+        info = _prepare(cfg, rd, state, log)
+        steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log)),
+                 ("group", lambda: _train_stage(cfg, rd, state, info, "group", log)),
+                 ("cut", lambda: _cut(cfg, rd, state, info, log)),
+                 ("finetune", lambda: _train_stage(cfg, rd, state, info, "finetune", log))]
         collect_bad_records(rd, info)
-        if stop_after == name:
-            return {}
-    metrics = _evaluate(cfg, rd, state, info, log)
-    log(collect_bad_records(rd, info))
-    report = write_report(cfg, rd, state, info, metrics, time.perf_counter() - t0, log)
-    return report
+        seen_bad = _bad_count(rd)  # prepare reported its own
+        for name, fn in steps:
+            fn()
+            collect_bad_records(rd, info)
+            seen_bad = _warn_new_bad_records(rd, seen_bad, name, log)
+            if stop_after == name:
+                return {}
+        metrics = _evaluate(cfg, rd, state, info, log)
+        log(collect_bad_records(rd, info))
+        return write_report(cfg, rd, state, info, metrics, time.perf_counter() - t0, log)
+    finally:
+        printer.close()
+
+
+def _bad_count(rd: RunDir) -> int:
+    if not rd.exists("bad_records.jsonl"):
+        return 0
+    return sum(1 for line in rd.read_text("bad_records.jsonl").splitlines()
+               if line.strip() and json.loads(line).get("kind") != "converted")
+
+
+def _warn_new_bad_records(rd: RunDir, seen: int, stage: str, log) -> int:
+    """One warning line when a stage met bad records the run had not seen before."""
+    now = _bad_count(rd)
+    if now > seen:
+        log(f"warning: {now - seen} bad records skipped during {stage} ({now} in all; listed in {rd.display('bad_records.jsonl')})")
+    return now

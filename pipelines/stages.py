@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from splitnet import build_model
+from splitnet.grouping import Grouping, GroupingSchedule
 from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
 from splitnet.train import evaluate, format_epoch, train_one_epoch
 
@@ -32,11 +33,11 @@ from .rundir import RunDir
 TRAIN_STAGES = ("baseline", "group", "finetune")
 
 
-def say(line: str) -> None:
-    """A progress line from a worker: straight to stdout, which Ray forwards to the driver once
-    (Ray Train patches ``print`` into its logger, which would also hide it at WARNING)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+def _sayer(actor_name: str | None):
+    """Rank 0's progress lines: to the driver through the run's ProgressLog actor (pipelines.progress)."""
+    from .progress import say
+
+    return lambda line: say(line, actor_name)
 
 
 # ---- model and optimizer state, without pickle --------------------------------------------
@@ -108,7 +109,8 @@ def lr_factor(st, step: int, steps_per_epoch: int) -> float:
         return st.gamma ** sum(1 for m in st.milestones if epoch >= m)
     total = max(st.epochs * steps_per_epoch, 1)
     t = min(max(step - warm * steps_per_epoch, 0) / max(total - warm * steps_per_epoch, 1), 1.0)
-    return 0.5 * (1 + math.cos(math.pi * t))
+    start, end = st.cosine_span  # this stage's share of one cosine (group then finetune on one curve)
+    return 0.5 * (1 + math.cos(math.pi * (start + (end - start) * t)))
 
 
 # ---- models of each stage -----------------------------------------------------------------
@@ -122,7 +124,7 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
             model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
         return model
     if stage == "group":
-        model = build_model(m.arch, num_classes, m.split)
+        model = build_model(m.arch, num_classes, m.split, split_dropout=m.split_dropout)
         init = cfg.group.init
         if init == "baseline":
             with rd.local_copy("baseline") as d:
@@ -183,7 +185,8 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 
 
 def _merge_train_stats(stats: dict, elapsed: float) -> dict:
-    keys = [k for k in ("loss", "ce", "weight", "disjoint", "balance", "acc") if k in stats]
+    # the regularizer terms are NaN in epochs without them (warm-up, sparsify): same on every rank
+    keys = [k for k in ("loss", "ce", "weight", "disjoint", "balance", "acc") if k in stats and math.isfinite(stats[k])]
     n = stats["images"]
     sums = _all_reduce([stats[k] * n for k in keys] + [n, stats["steps"]])
     total = max(sums[-2], 1)
@@ -217,6 +220,35 @@ def _workers() -> list[dict]:
     return everyone
 
 
+def _ddp(model):
+    """DDP over the workers, with the assignments left out of its gradient all-reduce.
+
+    The regularizers do not read the batch: every rank computes the same gradient for the
+    assignments from the same (synchronized) weights, and the assignments get none at all in the
+    grouping's warm-up and sparsify phases, which DDP's reducer would wait for forever. They are
+    averaged across the workers once per epoch instead (:func:`_sync_assignments`).
+    """
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignore = [f"assignments.{name}" for name, _ in model.assignments.named_parameters()] if hasattr(model, "assignments") else []
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    return ray.train.torch.prepare_model(model, move_to_device=False)
+
+
+def _sync_assignments(model) -> None:
+    """Average the assignment logits over the workers (guards against float drift between ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for p in model.assignments.parameters():
+            dist.all_reduce(p.data, op=dist.ReduceOp.SUM)
+            p.data.div_(dist.get_world_size())
+
+
 def _setup(cfg: PipelineConfig):
     import ray.train
     import ray.train.torch
@@ -246,6 +278,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     cfg = from_dict(config["cfg"])
+    say = _sayer(config.get("progress"))
     stage = config["stage"]
     st = getattr(cfg, stage)
     rd = RunDir(cfg.run_dir)
@@ -271,8 +304,16 @@ def train_loop(config: dict) -> None:
     if checkpoint is not None:
         progress["resumed"].append({"epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]})
     model.to(device)
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    reg = RegularizerWeights(cfg.group.disjoint, cfg.group.weight, cfg.group.balance) if stage == "group" else None
+    if cfg.scaling.channels_last:
+        model.to(memory_format=torch.channels_last)
+    grouping = None
+    if stage == "group":
+        g = cfg.group
+        grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance),
+                            GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold),
+                            total_steps=st.epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
+                            min_channels_per_group=cfg.cut.min_channels_per_group)
+    ddp = _ddp(model) if world > 1 else model
     from .data.stream import torch_batches
 
     per_worker_batch = st.batch_size // world
@@ -306,24 +347,36 @@ def train_loop(config: dict) -> None:
         if every and progress["step_in_epoch"] % every == 0 and progress["step_in_epoch"] < limit:
             report({"stage": stage, "epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]}, True)
 
+    stage_start, first_epoch = time.perf_counter(), progress["epoch"]
     while progress["epoch"] < st.epochs:
         epoch = progress["epoch"]
         limit = steps_per_epoch
         remaining = limit - progress["step_in_epoch"]
         start = time.perf_counter()
         batches = torch_batches(train_shard, per_worker_batch, mean, std, str(device), drop_last=True)
-        stats = train_one_epoch(ddp, batches, opt, reg_weights=reg, split_model=model, device=device,
-                                max_steps=remaining, amp_dtype=amp, before_step=set_lr, after_step=after_step)
+        stats = train_one_epoch(ddp, batches, opt, grouping=grouping, split_model=model, device=device,
+                                max_steps=remaining, amp_dtype=amp, channels_last=cfg.scaling.channels_last,
+                                global_step=progress["global_step"], before_step=set_lr, after_step=after_step)
+        if grouping is not None and grouping.prox is None:  # frozen once sparsifying: the cut must find the same argmax
+            _sync_assignments(model)
         stats = _merge_train_stats(stats, time.perf_counter() - start)
         val = _merge_eval(evaluate(model, torch_batches(val_shard, per_worker_batch, mean, std, str(device)), device,
-                                   amp_dtype=amp, max_batches=cfg.evaluate.max_batches or None))
+                                   amp_dtype=amp, max_batches=cfg.evaluate.max_batches or None,
+                                   channels_last=cfg.scaling.channels_last))
         progress["epoch"] += 1
         progress["step_in_epoch"] = 0
         row = {"stage": stage, "epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_top5": val["top5"],
                "lr": opt.param_groups[0]["lr"]}
+        if grouping is not None:
+            energy = grouping.off_block_energy()
+            row.update(phase=grouping.phase(max(progress["global_step"] - 1, 0)), off_block_energy=energy,
+                       off_block=max(energy.values(), default=0.0))
         progress["history"].append(row)
+        elapsed = time.perf_counter() - stage_start
+        done_epochs = progress["epoch"] - first_epoch
+        eta = elapsed / done_epochs * (st.epochs - progress["epoch"]) if done_epochs else None
         if rank == 0:
-            say(format_epoch(stage, epoch + 1, st.epochs, stats, val))
+            say(format_epoch(stage, epoch + 1, st.epochs, row, val, eta_s=eta))
         report(row, True)
 
     progress["workers"] = _workers()

@@ -345,19 +345,20 @@ def parameter_groups(model, lr: float, weight_decay: float, split_lr_mult: float
     return [g for g in groups if g["params"]]
 
 
-def freeze_split_bn_scale(model: SplitModel) -> int:
-    """Reference trick during grouping: freeze the BatchNorm scale (gamma) of split layers.
+def freeze_block_bn_scale(model: SplitModel) -> int:
+    """The reference's ``bn_no_scale`` during grouping: freeze the BatchNorm scale (gamma) of every
+    residual block, split or not, but not the head's BatchNorm (the authors' resnet.py: every
+    ``_residual_block`` BN gets ``no_scale``, ``unit_last`` does not). It closes the escape of
+    shrinking a split conv's weights under the group lasso while the BN before it grows its gamma.
 
     Returns how many BatchNorm layers were frozen.
     """
     count = 0
-    graph = model.split_graph()
-    for spec in graph.blocks:
-        if model.stage_groups[spec.stage] > 1:
-            for _, bn, _ in spec.block.norms():
-                bn.weight.requires_grad_(False)
-                count += 1
-    if model.head_norm is not None and model.fc_groups > 1:
-        model.head_norm.weight.requires_grad_(False)
-        count += 1
+    for spec in model.split_graph().blocks:
+        for _, bn, _ in spec.block.norms():
+            bn.weight.requires_grad_(False)
+            count += 1
     return count
+
+
+freeze_split_bn_scale = freeze_block_bn_scale  # the config key's name (group.freeze_split_bn_scale)

@@ -69,9 +69,10 @@ def test_split_dropout_only_on_split_stages_and_not_in_eval():
 def test_freeze_split_bn_scale():
     model = build_model("wrn-10-2", 10, "1-2-2")
     frozen = freeze_split_bn_scale(model)
-    assert frozen == 3  # layer3.0.bn1, layer3.0.bn2, final bn
+    assert frozen == 6  # bn1 and bn2 of every residual block, split (layer3) or not, as the reference's bn_no_scale
     assert not model.layer3[0].bn1.weight.requires_grad and model.layer3[0].bn1.bias.requires_grad
-    assert model.layer2[0].bn1.weight.requires_grad
+    assert not model.layer1[0].bn2.weight.requires_grad
+    assert model.bn.weight.requires_grad  # the head's BatchNorm keeps its scale (the reference's unit_last)
 
 
 def test_splitnet_imports_no_ray():

@@ -220,6 +220,9 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
         _download_cifar(source, log)  # _check_source let this through: data.download is set
     summary, user_parents = None, None
     if _is_shards(source):
+        if d.classes:  # shards are read as they are: a class subset would be silently ignored
+            raise PipelineError(f"data.classes: {source} holds prepared shards, read as they are; choose the classes "
+                                "when converting (splitnet prepare --classes ...), or set data.classes=[]")
         shards = source
         log(f"prepare: reading the shards at {source} as they are")
         if d.parents:  # not written into the user's shard folder: the run's class table only

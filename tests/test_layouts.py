@@ -266,7 +266,7 @@ def test_run_prepares_split_folders_and_evaluates_on_val(ray_cluster, tmp_path):
     cfg = load_config(ROOT / "pipelines/configs/demo.yaml",
                       [f"data.source={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}", "data.eval_split=val",
                        "data.per_class=4", "data.eval_per_class=2", f"data.parents={tmp_path / 'parents.tsv'}",
-                       "data.shard_size=5"])
+                       "data.shard_size=5", "data.classes=[]"])  # every class (the demo keeps 20 of CIFAR-100's)
     lines = []
     info = _prepare(cfg, RunDir(str(tmp_path / "run")), {"stages": {}}, lines.append)
     assert info.class_names == classes and info.parents == ["insect", "insect", "mammal", ""]
@@ -319,6 +319,11 @@ def test_data_parents_for_shards_read_as_they_are(tmp_path):
     (tmp_path / "parents.tsv").write_text("bear\twild\ncat\tpet\ndog\tpet\n")
     overrides = [f"data.source={shards}", "data.eval_split=", "data.val_fraction=0.5",
                  f"data.parents={tmp_path / 'parents.tsv'}"]
+    # the demo's class subset cannot apply to shards read as they are: refused, not ignored
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", overrides + [f"run_dir={tmp_path / 'run0'}"])
+    with pytest.raises(PipelineError, match=r"^data.classes: .* holds prepared shards, read as they are"):
+        _prepare(cfg, RunDir(str(tmp_path / "run0")), {"stages": {}}, lambda _: None)
+    overrides.append("data.classes=[]")
     cfg = load_config(ROOT / "pipelines/configs/demo.yaml", overrides + [f"run_dir={tmp_path / 'run'}"])
     info = _prepare(cfg, RunDir(str(tmp_path / "run")), {"stages": {}}, lambda _: None)
     assert info.parents == ["wild", "pet", "pet"] and info.train_records == 3

@@ -18,7 +18,6 @@ $(BIN)/splitnet: pyproject.toml
 venv: $(BIN)/splitnet
 
 demo: venv
-	$(BIN)/splitnet plan --arch wrn-16-8 --split 2-2-2 --num-classes 100
 	$(BIN)/splitnet run pipelines/configs/demo.yaml data.source=$(DATA) run_dir=$(OUT)
 
 serve: venv  # the tree `make demo` trained, on Ray Serve at http://127.0.0.1:8000 (Ctrl-C stops it)

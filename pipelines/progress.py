@@ -140,6 +140,16 @@ class QuietRun:
         traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=self.file)
 
     def restore(self) -> None:
+        # Ray's driver threads (e.g. the raylet's "N PYTHON worker processes have been started"
+        # warning) print until Ray shuts down, and at exit: shut it down while the output still goes
+        # to the log (joining a cluster, this only disconnects; the process ends right after)
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception as e:  # the run's result is already reported; say it in the log only
+            print(f"ray.shutdown failed: {e!r}", file=self.file)
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(self.saved[0], 1)

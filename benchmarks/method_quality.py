@@ -40,6 +40,7 @@ from splitnet.grouping import Grouping, GroupingSchedule, off_block_energy  # no
 from splitnet.metrics import semantic_quality  # noqa: E402
 from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
 from splitnet.train import evaluate, format_epoch, train_one_epoch  # noqa: E402
+from splitnet.tree import smallest_group_share  # noqa: E402
 
 
 def cosine(t: float) -> float:
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     hard = tree.hard
     energy = off_block_energy(model, hard)
     cut_score = score(tree, test_set, args)
-    sizes = {name: torch.bincount(lab, minlength=hard.groups[name]).tolist() for name, lab in hard.labels.items()}
+    sizes = hard.group_sizes()
     sq = semantic_quality(tree.class_to_group.tolist(), CIFAR100_COARSE, num_random=1000, seed=args.seed)
     dense_cost = model_cost(model, 32)
     tree_cost = tree_costs(tree, 32)
@@ -230,7 +231,7 @@ def targets(r: dict) -> dict:
     energy = r["cut"]["off_block_energy"]
     sq = r["cut"]["semantic"]
     reduction = 1 - r["tree"]["weights"] / r["dense_cost"]["weights"]
-    min_share = min(min(s) / (sum(s) / len(s)) for s in r["cut"]["group_sizes"].values())
+    min_share, _ = smallest_group_share(r["cut"]["group_sizes"])
     base = r.get("baseline")
     gap = (r["tree"]["top1"] - base["top1"]) * 100 if base else None
     nmi_bar = sq["random_nmi_mean"] + 3 * sq["random_nmi_std"]

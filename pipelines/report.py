@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from splitnet.metrics import semantic_quality
+from splitnet.tree import smallest_group_share
 
 from .config import PipelineConfig, to_dict
 from .rundir import RunDir
@@ -64,23 +65,13 @@ def _wordnet_categories(class_names: list[str]) -> list[str] | None:
         return None
 
 
-def _group_sizes_check(sizes: dict[str, list[int]]) -> tuple[float, str]:
-    """Smallest group as a share of its balanced size, over every learned set, and which set."""
-    worst, where = 1.0, ""
-    for name, counts in sizes.items():
-        share = min(counts) / (sum(counts) / len(counts)) if counts and sum(counts) else 1.0
-        if share < worst:
-            worst, where = share, name
-    return worst, where
-
-
 def _checks(metrics: dict, counts: dict, cut_result: dict, semantic: dict | None) -> dict:
     """Each check: {ok, value, goal, what} (ok None when the run lacks what it needs, e.g. no baseline)."""
     base, tree_m = metrics.get("baseline"), metrics["tree"]
     energy = cut_result.get("off_block_energy") or {}
     worst_layer = max(energy, key=energy.get) if energy else None
     sizes = cut_result.get("group_sizes") or {}
-    share, share_set = _group_sizes_check(sizes) if sizes else (None, "")
+    share, share_set = smallest_group_share(sizes) if sizes else (None, "")
     cut_cost = metrics["grouped"]["top1"] - metrics["cut"]["top1"]
     gap = tree_m["top1"] - base["top1"] if base else None
     ref = _semantic_ref(semantic)

@@ -417,8 +417,6 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
 
 def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, std) -> dict:
     """Ray task: load the grouped model, cut it into the tree, write ``cut/``."""
-    import torch
-
     from splitnet import build_model, cut
     from splitnet.accounting import model_cost
     from splitnet.grouping import off_block_energy
@@ -435,7 +433,7 @@ def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, st
     info = {"class_names": class_names, "mean": list(mean), "std": list(std), "input_size": cfg.data.image_size}
     tree = cut(model, cfg.cut.min_classes_per_group, cfg.cut.min_channels_per_group, info=info)
     energy = off_block_energy(model, tree.hard)
-    sizes = {name: torch.bincount(lab, minlength=tree.hard.groups[name]).tolist() for name, lab in tree.hard.labels.items()}
+    sizes = tree.hard.group_sizes()
     with rd.staging("cut") as d:
         tree.save(d, input_size=cfg.data.image_size, dense_cost=dense_cost)
     return {"moves": len(tree.moves), "moved": tree.moves[:50], "subtrees": len(tree.subtrees), "dense_cost": dense_cost,

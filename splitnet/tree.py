@@ -30,6 +30,17 @@ log = logging.getLogger("splitnet")
 
 
 # -- hard assignment ----------------------------------------------------------------------------
+def smallest_group_share(sizes: dict[str, list[int]]) -> tuple[float, str]:
+    """The smallest group as a share of its balanced size (1.0 = balanced), over every set in
+    ``sizes`` (e.g. :meth:`HardAssignment.group_sizes`), and the set it is in."""
+    worst, where = 1.0, ""
+    for name, counts in sizes.items():
+        share = min(counts) / (sum(counts) / len(counts)) if counts and sum(counts) else 1.0
+        if share < worst:
+            worst, where = share, name
+    return worst, where
+
+
 @dataclass
 class HardAssignment:
     """Group id of every member of every learned channel set (and of every class).
@@ -50,6 +61,10 @@ class HardAssignment:
                 raise KeyError(f"channel set {name!r} has no assignment at {groups} groups")
             return torch.zeros(self.sizes[name], dtype=torch.long)
         return merge_hard(self.labels[name], self.groups[name], groups)
+
+    def group_sizes(self) -> dict[str, list[int]]:
+        """Members per group of every learned set: ``{name: [size of group 0, ...]}``."""
+        return {name: torch.bincount(lab, minlength=self.groups[name]).tolist() for name, lab in self.labels.items()}
 
     def members(self, name: str, groups: int, group: int) -> torch.Tensor:
         """Sorted indices of the members of ``group`` (at ``groups`` groups) of set ``name``."""

@@ -107,3 +107,19 @@ def test_wrn_16_8_flop_reduction_matches_reference(split, flops_cut):
     result = plan("wrn-16-8", split, 100)
     assert result["dense"]["flops"] == pytest.approx(3.10e9, rel=0.01)
     assert result["reduction"]["flops"] == pytest.approx(flops_cut, abs=0.01)
+
+
+def test_group_sizes_and_smallest_share():
+    """The sizes the report and the method benchmark score: members per group, and the smallest
+    group as a share of its balanced size (which set it is in)."""
+    import torch
+
+    from splitnet.tree import HardAssignment, smallest_group_share
+
+    hard = HardAssignment(labels={"classes": torch.tensor([0, 0, 0, 1]), "layer3.0.out": torch.tensor([0, 1, 2, 0, 1, 2])},
+                          groups={"classes": 2, "layer3.0.out": 4}, sizes={"classes": 4, "layer3.0.out": 6})
+    sizes = hard.group_sizes()
+    assert sizes == {"classes": [3, 1], "layer3.0.out": [2, 2, 2, 0]}
+    assert smallest_group_share(sizes) == (0.0, "layer3.0.out")
+    assert smallest_group_share({"classes": [3, 1]}) == (0.5, "classes")
+    assert smallest_group_share({"classes": [2, 2]}) == (1.0, "")

@@ -3,10 +3,13 @@
 * dense: the model, cross-entropy only (the baseline);
 * grouping: the same model, CE + the three SplitNet regularizers (``regularization_loss``), the
   same SGD with ``parameter_groups`` (the assignments get their own group);
-* split: the SplitTree ``splitnet.cut(model)`` gives, trained with plain CE (the finetune stage).
+* split: the SplitTree ``splitnet.cut(model)`` gives, trained with plain CE, one subtree after
+  the other;
+* fused: the same tree with each level's subtrees fused into grouped ops (``splitnet.fused``,
+  what the finetune stage trains by default).
 
 Each variant runs ``--warmup`` steps, then timed blocks of steps alternate dense / grouping /
-split for ``--rounds`` rounds, so the machine's slow drifts hit all three alike. Images/s is the
+split / fused for ``--rounds`` rounds, so the machine's slow drifts hit all of them alike. Images/s is the
 batch over the median block time per step; the ratios are the medians of the per-round ratios
 (``best``: fastest block vs fastest block, the least disturbed estimate on a busy machine).
 Target: grouping / dense >= 0.90 (regularizer overhead <= 10%). On CUDA the clock is read only
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 from splitnet import build_model, cut, hard_assignment
 from splitnet.accounting import count_weights
+from splitnet.fused import FusedTree
 from splitnet.grouping import BlockProx, Grouping, GroupingSchedule
 from splitnet.profiling import count_ops
 from splitnet.regularizers import RegularizerWeights, parameter_groups, regularizer_terms, regularizer_terms_reference
@@ -154,6 +158,8 @@ def main(argv=None):
     }
     if not args.no_split_step:
         variants["split"] = cut(grouping).to(device=device, memory_format=fmt).train()
+        # the same tree trained as the finetune stage does by default: each level's subtrees fused
+        variants["fused"] = FusedTree(copy.deepcopy(variants["split"])).to(device=device, memory_format=fmt).train()
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     reg_weights = RegularizerWeights()
@@ -184,7 +190,7 @@ def main(argv=None):
                      "ratio_vs_dense": r, "ratio_spread": spread,
                      # fastest block of each: the least disturbed estimate on a busy machine
                      "best_ms_per_step": min(times[name]) * 1e3, "best_ratio_vs_dense": min(times["dense"]) / min(times[name]),
-                     "weights": count_weights(variants[name])})
+                     "weights": count_weights(variants[name] if name != "fused" else variants[name].tree)})
     by = {r["variant"]: r for r in rows}
     overhead_ratio = by["grouping"]["ratio_vs_dense"]
     reg = regularizer_cost(variants["grouping"], sync, clock)
@@ -196,6 +202,7 @@ def main(argv=None):
         tree_ops = count_ops(steps["split"])["compute"]
         reg["dense_step_ops"] = count_ops(steps["dense"])["compute"]
         reg["split_step_ops"] = tree_ops
+        reg["fused_split_step_ops"] = count_ops(steps["fused"])["compute"]
     tag = args.tag or "-".join([args.arch, f"{args.size}px", device.type] + (["bf16"] if amp_dtype else [])
                                + (["cl"] if args.channels_last else []) + (["cputime"] if args.clock == "cpu" else []))
     result = {
@@ -207,6 +214,7 @@ def main(argv=None):
         "clock": args.clock, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
         "grouping_over_dense": overhead_ratio, "split_over_dense": by["split"]["ratio_vs_dense"] if "split" in by else None,
+        "fused_split_over_dense": by["fused"]["ratio_vs_dense"] if "fused" in by else None,
         "grouping_over_dense_best": by["grouping"]["best_ratio_vs_dense"],
         "target_met": overhead_ratio >= 0.90, "rows": rows, "regularizer": reg,
         "block_seconds_per_step": times,
@@ -227,7 +235,8 @@ def main(argv=None):
           f"after {a['ms']:.1f} ms, {a['ops']} ops ({a['ops_with_views']}): {b['ops'] / a['ops']:.1f}x fewer ops, "
           f"{a['share_of_dense_step']:.2%} of a dense step (target <= 3%, >= 5x fewer ops)")
     print(f"proximal step (sparsify phase): {reg['prox_step']['ops']} ops"
-          + (f"; training step ops: dense {reg['dense_step_ops']}, split tree {reg['split_step_ops']}" if tree_ops else ""))
+          + (f"; training step ops: dense {reg['dense_step_ops']}, split tree {reg['split_step_ops']}, "
+             f"fused tree {reg['fused_split_step_ops']}" if tree_ops else ""))
     print(f"grouping/dense {overhead_ratio:.3f} median of rounds, {result['grouping_over_dense_best']:.3f} best blocks "
           f"(target >= 0.90: {'met' if result['target_met'] else 'NOT met'})")
     print(f"wrote {out}")

@@ -120,7 +120,10 @@ class CutConfig:
 
 @dataclass
 class FinetuneStageConfig(StageConfig):
-    split_lr_mult: float = 1.0
+    split_lr_mult: float = 1.0     # x lr on every weight above the trunk
+    # train the tree with each level's sibling subtrees fused into grouped ops (splitnet.fused):
+    # the same function and gradients, one kernel per layer instead of one per subtree
+    fuse: bool = True
 
 
 @dataclass

@@ -138,7 +138,12 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
         from splitnet.artifacts import load_tree
 
         with rd.local_copy("cut") as d:
-            return load_tree(d).train()
+            tree = load_tree(d).train()
+        if cfg.finetune.fuse:
+            from splitnet.fused import FusedTree
+
+            return FusedTree(tree)
+        return tree
     raise ValueError(f"no model for stage {stage!r}")
 
 
@@ -396,6 +401,8 @@ def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, prog
     # finetune: the tree to serve, with the dense model's counts carried over from the cut
     from splitnet.artifacts import read_manifest
 
+    if hasattr(model, "write_back"):  # fused for training: the tree is what is saved and served
+        model = model.write_back()
     model.eval()
     with rd.local_copy("cut") as cut_dir:
         manifest = read_manifest(cut_dir)

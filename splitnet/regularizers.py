@@ -315,9 +315,12 @@ def parameter_groups(model, lr: float, weight_decay: float, split_lr_mult: float
     """Optimizer groups with their own ``lr``: weights (with weight decay), split-layer weights
     (``lr * split_lr_mult``, e.g. 10x when grouping a pretrained net), assignments (no weight
     decay, ``lr * assignment_lr_mult``). BatchNorm parameters and biases get no weight decay.
-    Works for a dense :class:`SplitModel` and, without the split/assignment groups, any module."""
+    Works for a dense :class:`SplitModel`, a cut tree (its subtrees are the split layers) and,
+    without the split/assignment groups, any module."""
     split_ids = set()
     split_layers = model.split_layers() if isinstance(model, SplitModel) else []
+    if hasattr(model, "subtree_parameters"):  # a cut tree (or its fused form): the split layers are the subtrees
+        split_ids.update(id(p) for p in model.subtree_parameters())
     for layer in split_layers:
         split_ids.add(id(layer.module.weight))
         if getattr(layer.module, "bias", None) is not None:

@@ -248,6 +248,10 @@ class SplitTree(nn.Module):
     def num_subtrees(self) -> int:
         return len(self.subtrees)
 
+    def subtree_parameters(self) -> list[nn.Parameter]:
+        """The weights above the trunk (what ``split_lr_mult`` scales when finetuning)."""
+        return list(self.subtrees.parameters())
+
     def forward_subtree(self, g: int, features: torch.Tensor) -> torch.Tensor:
         """Logits [B, len(subtrees[g].classes)] of subtree ``g`` from trunk features."""
         return self.subtrees[g](features)

@@ -3,7 +3,16 @@ tree in one deployment vs the dense model, one run, same model, same CPU budget.
 
 * fanout: ``trunk`` ingress + one deployment per subtree (what ``splitnet serve`` deploys);
 * local:  the same SplitTree in a single deployment (trunk + all subtrees in one replica);
-* dense:  the grouped dense model the tree was cut from, in a single deployment.
+* dense:  the grouped dense model the tree was cut from, in a single deployment;
+* pinned: fanout with every subtree replica pinned to a core of its own (``--pin-cores``: subtree
+  g on core g, one thread; the trunk on all of them), i.e. test-time model parallelism on one
+  machine;
+* dense-pinned: the dense model in one replica on the same cores, as many threads.
+
+The pinned pair answers "is the tree faster than the model it replaces?" at concurrency 1, next
+to the ideal from the accounting: dense FLOPs / (trunk FLOPs + largest subtree FLOPs), the
+speedup if the subtrees ran perfectly in parallel and serving cost nothing. Target (issue 13):
+pinned p50 below dense-pinned's, a speedup >= 0.7x the ideal.
 
 Every app gets the same budget: ``--cpus`` logical CPUs in all (fanout: half for the trunk, the
 rest shared by the subtrees; local / dense: one replica with all of it and as many torch
@@ -73,7 +82,8 @@ def payload(size: int) -> bytes:
     return buf.getvalue()
 
 
-def closed_loop(port: int, path: str, body: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+def closed_loop(port: int, path: str, body: bytes, concurrency: int, seconds: float, warmup: float,
+                content_type: str = "image/jpeg") -> dict:
     """``concurrency`` clients, each on its own keep-alive connection, back to back."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
@@ -86,7 +96,7 @@ def closed_loop(port: int, path: str, body: bytes, concurrency: int, seconds: fl
             t0 = time.perf_counter()
             if t0 >= stop_at:
                 break
-            conn.request("POST", path, body=body, headers={"Content-Type": "image/jpeg"})
+            conn.request("POST", path, body=body, headers={"Content-Type": content_type})
             response = conn.getresponse()
             response.read()
             t1 = time.perf_counter()
@@ -109,6 +119,17 @@ def closed_loop(port: int, path: str, body: bytes, concurrency: int, seconds: fl
             "mean_ms": 1000 * statistics.fmean(flat), "requests_per_s": len(flat) / seconds}
 
 
+def parallel_ideal(tree: str, dense_weights: str) -> float:
+    """dense FLOPs / (trunk FLOPs + largest subtree FLOPs), counted on the tree being served."""
+    from splitnet.accounting import tree_cost
+    from splitnet.artifacts import load_tree, read_manifest
+
+    manifest = read_manifest(tree)
+    cost = tree_cost(load_tree(tree).eval(), int(manifest["input_size"]))
+    dense = manifest["counts"]["dense"]["flops"]
+    return dense / (cost["trunk"]["flops"] + max(s["flops"] for s in cost["subtrees"]))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default=None, help="serve this run's tree/ (dense: its group/model.safetensors)")
@@ -122,7 +143,8 @@ def main():
     ap.add_argument("--cpus", type=float, default=2.0, help="logical CPUs per app (the same for all three)")
     ap.add_argument("--subtree-gpus", type=float, default=0.0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--apps", default="fanout,local,dense")
+    ap.add_argument("--apps", default="fanout,local,dense,pinned,dense-pinned")
+    ap.add_argument("--images", type=int, default=1, help="images per request (> 1: a JSON body of base64 images)")
     ap.add_argument("--out", default="benchmarks/results/serve_latency.json")
     args = ap.parse_args()
 
@@ -146,21 +168,33 @@ def main():
     with_gpu = bool(args.subtree_gpus)
     port = 8000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    body = payload(args.image_size)
+    body, content_type = payload(args.image_size), "image/jpeg"
+    if args.images > 1:
+        import base64
+
+        body = json.dumps({"images": [base64.b64encode(body).decode()] * args.images}).encode()
+        content_type = "application/json"
+    cores = sorted(os.sched_getaffinity(0))[:subtrees] if hasattr(os, "sched_getaffinity") else []
     levels = [int(c) for c in args.concurrency.split(",")]
     results = {}
     for mode in args.apps.split(","):
-        if mode == "fanout":
+        limits = {"max_images": max(64, args.images)}
+        if mode in ("fanout", "pinned"):
             opts = DeployOptions(app_name=mode, port=port, route_prefix=f"/{mode}", trunk_cpus=args.cpus / 2,
                                  subtree_cpus=args.cpus / 2 / subtrees, subtree_gpus=args.subtree_gpus,
-                                 device=args.device, torch_threads=1)
+                                 device=args.device, torch_threads=1, limits=limits,
+                                 pin_cores=cores if mode == "pinned" else [])
+        elif mode == "dense-pinned":
+            opts = DeployOptions(app_name=mode, port=port, route_prefix=f"/{mode}", trunk_cpus=args.cpus, mode="dense",
+                                 dense_weights=dense, device=args.device, limits=limits, pin_cores=cores)
         else:
             opts = DeployOptions(app_name=mode, port=port, route_prefix=f"/{mode}", trunk_cpus=args.cpus, mode=mode,
                                  dense_weights=dense if mode == "dense" else None, device=args.device,
-                                 torch_threads=max(1, int(args.cpus)))
+                                 torch_threads=max(1, int(args.cpus)), limits=limits)
         deploy(serve_config(tree, opts))
-        closed_loop(port, f"/{mode}/predict", body, 1, 2.0, 0.0)  # first requests load lazily
-        results[mode] = [closed_loop(port, f"/{mode}/predict", body, c, args.seconds, args.warmup) for c in levels]
+        closed_loop(port, f"/{mode}/predict", body, 1, 2.0, 0.0, content_type)  # first requests load lazily
+        results[mode] = [closed_loop(port, f"/{mode}/predict", body, c, args.seconds, args.warmup, content_type)
+                         for c in levels]
         serve.delete(mode)
         for r in results[mode]:
             print(f"{mode:7} c={r['concurrency']:<3} p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
@@ -172,6 +206,10 @@ def main():
         return next(r[key] for r in results.get(mode, []) if r["concurrency"] == c)
 
     summary = {}
+    ideal = parallel_ideal(tree, dense)
+    if "pinned" in results and "dense-pinned" in results and 1 in levels:
+        speedup = at("dense-pinned", 1, "p50_ms") / at("pinned", 1, "p50_ms")
+        summary.update(pinned_speedup_c1=speedup, pinned_ideal_speedup=ideal, pinned_share_of_ideal=speedup / ideal)
     if "fanout" in results and "local" in results:
         if 1 in levels:
             summary["fanout_p50_overhead_ms_c1"] = at("fanout", 1, "p50_ms") - at("local", 1, "p50_ms")
@@ -180,7 +218,9 @@ def main():
     record = {"tree": tree, "subtrees": subtrees, "cpus_per_app": args.cpus, "subtree_gpus": args.subtree_gpus,
               "with_gpu": with_gpu, "machine": {"cpus": num_cpus, "platform": platform.platform()},
               "payload_bytes": len(body), "results": results, "summary": summary,
-              "targets": {"fanout_p50_overhead_ms_c1": "<= 5", "fanout_throughput_ratio_c32": ">= 0.8"}}
+              "cores_pinned": cores, "images_per_request": args.images, "arch": args.arch if not args.run_dir else None,
+              "targets": {"fanout_p50_overhead_ms_c1": "<= 5", "fanout_throughput_ratio_c32": ">= 0.8",
+                          "pinned_speedup_c1": "> 1", "pinned_share_of_ideal": ">= 0.7"}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
@@ -189,7 +229,8 @@ def main():
     for mode, rows in results.items():
         print(f"{mode:8}" + "".join(f"{r['p50_ms']:>12.1f}/{r['p99_ms']:<9.1f}{r['requests_per_s']:>8.1f}" for r in rows))
     for key, value in summary.items():
-        print(f"{key}: {value:.2f} (target {record['targets'][key]})")
+        target = record["targets"].get(key)
+        print(f"{key}: {value:.2f}" + (f" (target {target})" if target else ""))
     print(f"wrote {out}")
 
 

@@ -139,6 +139,15 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _cores(text: str) -> list[int]:
+    from pipelines.serve.deploy import DeployError
+
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not all(t.isdigit() for t in items):
+        raise DeployError(f"--pin-cores {text!r}: expected core numbers separated by commas, e.g. 0,1")
+    return [int(t) for t in items]
+
+
 def _deploy_options(args):
     from pipelines.serve.deploy import DeployError, DeployOptions, parse_replicas
 
@@ -149,7 +158,7 @@ def _deploy_options(args):
             subtree_replicas=parse_replicas(args.subtree_replicas),
             autoscale_max=parse_replicas(args.autoscale_max, "--autoscale-max"),
             trunk_cpus=args.trunk_cpus, trunk_gpus=args.trunk_gpus, subtree_cpus=args.subtree_cpus, subtree_gpus=args.subtree_gpus,
-            device=args.device, amp=args.amp, torch_threads=args.torch_threads,
+            device=args.device, amp=args.amp, torch_threads=args.torch_threads, pin_cores=_cores(args.pin_cores),
             working_dir=getattr(args, "working_dir", None), proxy_hook=getattr(args, "proxy_hook", False))
     except DeployError as e:
         raise UsageError(str(e)) from None
@@ -231,6 +240,9 @@ def _add_deploy_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast on GPU replicas")
     p.add_argument("--torch-threads", type=_positive_int, default=1, help="torch threads per replica")
+    p.add_argument("--pin-cores", default="", metavar="0,1,...",
+                   help="pin subtree G's replica to core G mod n of this list (one thread) and the trunk to all of "
+                        "them: the subtrees of a request run in parallel on one machine")
     p.add_argument("--name", default="splitnet", help="Serve application name")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=8000)

@@ -13,7 +13,8 @@ use (``import_path: pipelines.serve.app:build``). ``args``: ``tree`` (a run dir 
 local path or ``s3://``-style URI; required), ``mode`` (``fanout``, the default; ``local``: the
 whole tree in the ingress; ``dense``: a dense model from ``dense_weights`` — the last two are the
 benchmark's baselines), ``device`` (``auto``/``cpu``/``cuda``), ``amp`` (``bf16`` autocast on
-GPU), ``torch_threads``. Per-request limits, batching and retries are ``user_config`` of the
+GPU), ``torch_threads``, ``cpu_cores`` (pin: subtree g on core ``cpu_cores[g mod n]`` with one
+thread, the ingress on all of them). Per-request limits, batching and retries are ``user_config`` of the
 deployments: changing them re-configures running replicas without restarting them.
 """
 # No `from __future__ import annotations` here: FastAPI reads the route signatures (Request), and
@@ -144,6 +145,32 @@ def _closes_after_answer(request: Request) -> bool:
 
 
 # -- a subtree -----------------------------------------------------------------------------------
+def check_cores(cpu_cores: list[int] | None, index: int | None = None) -> list[int] | None:
+    """The cores a replica pins its compute to: all of ``cpu_cores`` (the ingress), or core
+    ``cpu_cores[index mod n]`` (subtree ``index``). ``None``: not pinned. A core this process may
+    not run on (outside its affinity mask) is refused, naming the ones it may use."""
+    if not cpu_cores:
+        return None
+    cores = [int(c) for c in cpu_cores]
+    if index is not None:
+        cores = [cores[index % len(cores)]]
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if allowed is None:
+        raise ValueError("cpu_cores: pinning needs Linux (os.sched_setaffinity)")
+    missing = sorted(set(cores) - set(allowed))
+    if missing:
+        raise ValueError(f"cpu_cores: core {missing[0]} is not available to this replica (cores {allowed})")
+    return cores
+
+
+def pin_thread(cores: list[int] | None) -> list[int]:
+    """Pin the calling (compute) thread to ``cores``; the cores it may run on afterwards. Torch's
+    intra-op threads, started from a pinned thread, inherit the mask."""
+    if cores:
+        os.sched_setaffinity(0, cores)
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
 @serve.deployment(name="subtree", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
 class Subtree:
     """Subtree ``index``: trunk features [B, C, H, W] -> logits [B, n_g] of its classes.
@@ -151,12 +178,17 @@ class Subtree:
     Requests are batched (``@serve.batch``, counted in images). Each replica reads the manifest and
     ``subtree-<index>.safetensors`` only."""
 
-    def __init__(self, tree: str, index: int, device: str = "auto", amp: str | None = None, torch_threads: int = 1):
+    def __init__(self, tree: str, index: int, device: str = "auto", amp: str | None = None, torch_threads: int = 1,
+                 cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
 
         from splitnet.artifacts import load_subtree
 
-        torch.set_num_threads(max(1, int(torch_threads)))
+        # pinned: subtree g computes on core cpu_cores[g mod n] alone, one thread (model parallelism
+        # on one machine: the subtrees of a request run at the same time on different cores)
+        self.cores = check_cores(cpu_cores, index)
+        torch.set_num_threads(len(self.cores) if self.cores else max(1, int(torch_threads)))
+        self.ran_on: list[int] = []  # the cores the last forward was allowed on
         self.name = f"subtree-{index}"
         self.device, self.amp = pick_device(device), amp
         self.served = 0  # requests answered by this replica
@@ -188,6 +220,7 @@ class Subtree:
 
     @torch.inference_mode()
     def _forward(self, features: np.ndarray) -> np.ndarray:
+        self.ran_on = pin_thread(self.cores)
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         with _autocast(self.device, self.amp):
             return self.module(x).float().cpu().numpy()
@@ -195,7 +228,7 @@ class Subtree:
     def info(self) -> dict:
         """Who answers: for health probes and for tests that check which replica survived what."""
         return {"subtree": self.name, "pid": os.getpid(), "device": str(self.device),
-                "classes": len(self.entry["classes"]), "requests_served": self.served}
+                "classes": len(self.entry["classes"]), "requests_served": self.served, "cores": self.ran_on}
 
 
 # -- the ingress ---------------------------------------------------------------------------------
@@ -221,10 +254,12 @@ class _Model:
     worker thread on the batch; ``finish(out, subtrees)`` runs per request and returns (class ids
     scored, logits [n, k])."""
 
-    def __init__(self, mode: str, local_tree: str, manifest: dict, device: torch.device, amp, dense_weights=None):
+    def __init__(self, mode: str, local_tree: str, manifest: dict, device: torch.device, amp, dense_weights=None,
+                 cores: list[int] | None = None):
         from splitnet.artifacts import load_tree, load_trunk
 
-        self.mode, self.device, self.amp = mode, device, amp
+        self.mode, self.device, self.amp, self.cores = mode, device, amp, cores
+        self.ran_on: list[int] = []
         if mode == "fanout":
             self.net, _ = load_trunk(local_tree, device)
         elif mode == "local":
@@ -242,6 +277,7 @@ class _Model:
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> np.ndarray:
+        self.ran_on = pin_thread(self.cores)
         with _autocast(self.device, self.amp):
             return self.net(x.to(self.device, non_blocking=True)).float().cpu().numpy()
 
@@ -254,12 +290,14 @@ class TreeIngress:
     """HTTP in front of the tree: ``POST /predict``, ``GET /metadata``, ``GET /healthz``."""
 
     def __init__(self, tree: str, subtrees: list[DeploymentHandle] | None = None, mode: str = "fanout",
-                 device: str = "auto", amp: str | None = None, torch_threads: int = 1, dense_weights: str | None = None):
+                 device: str = "auto", amp: str | None = None, torch_threads: int = 1, dense_weights: str | None = None,
+                 cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
 
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
-        torch.set_num_threads(max(1, int(torch_threads)))
+        cores = check_cores(cpu_cores)  # pinned: the trunk (or the whole model) on all of them
+        torch.set_num_threads(len(cores) if cores else max(1, int(torch_threads)))
         self.mode = mode
         self.device = pick_device(device)
         manifest = _manifest(tree)
@@ -277,7 +315,7 @@ class TreeIngress:
         info = m.get("info") or {}
         self.size = int(m["input_size"])
         self.mean, self.std = info.get("mean", (0.5, 0.5, 0.5)), info.get("std", (0.25, 0.25, 0.25))
-        self.model = _Model(mode, local, m, self.device, amp, dense_weights)
+        self.model = _Model(mode, local, m, self.device, amp, dense_weights, cores)
         # _by_reference=False: trunk -> subtree calls go replica to replica over gRPC instead of
         # through Ray's actor-task path and object store (the features of one image are ~128 KB,
         # over Ray's inline limit). Measured on 2 CPUs: p50 at concurrency 1 25.2 -> 19.6 ms,
@@ -508,11 +546,11 @@ def build_with_options(args: dict, options: dict[str, dict] | None = None) -> se
         raise ValueError("args.tree is required: the run dir or tree dir to serve")
     tree = tree_location(str(args.pop("tree")))
     mode = args.pop("mode", "fanout")
-    common = {k: args.pop(k) for k in ("device", "amp", "torch_threads") if k in args}
+    common = {k: args.pop(k) for k in ("device", "amp", "torch_threads", "cpu_cores") if k in args}
     dense_weights = args.pop("dense_weights", None)
     if args:
         raise ValueError(f"unknown args: {', '.join(sorted(args))}; allowed: tree, mode, device, amp, torch_threads, "
-                         "dense_weights")
+                         "cpu_cores, dense_weights")
     if mode not in MODES:
         raise ValueError(f"args.mode {mode!r}: use one of {', '.join(MODES)}")
     ingress = TreeIngress.options(**options.get("trunk", {}))

@@ -108,6 +108,14 @@ class GroupStageConfig(StageConfig):
     sparsify_strength: float = 100.0  # staged: proximal step's multiplier of `weight` at the end of its ramp
     disjoint_hold: float = 0.5     # staged: first part of the assign phase without the disjoint term (then ramped in)
     assignment_lr_mult: float = 1.0
+    # the class matrix's own multiplier (0: assignment_lr_mult). With few classes its per-logit
+    # gradients are several times the channel matrices': one rate cannot suit both
+    class_assignment_lr_mult: float = 0.0
+    # where the class groups start: random (the paper: logits ~ N(0, 0.01^2)) or classifier (from
+    # the dense model's classifier: classes whose weight vectors agree share a group, a lean of
+    # assign_init_margin on the logits; needs init baseline or pretrained). splitnet/grouping.py
+    assign_init: str = "random"
+    assign_init_margin: float = 2.0
     split_lr_mult: float = 1.0
     freeze_split_bn_scale: bool = False  # the reference's bn_no_scale: BN gamma of every residual block frozen (not the head BN)
 
@@ -376,6 +384,13 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"group.sparsify_strength: must be >= 1, got {g.sparsify_strength}")
     if not 0 <= cfg.model.split_dropout < 1:
         raise ConfigError(f"model.split_dropout: must be in [0, 1), got {cfg.model.split_dropout}")
+    _positive("group.class_assignment_lr_mult", g.class_assignment_lr_mult, allow_zero=True)
+    _positive("group.assign_init_margin", g.assign_init_margin)
+    if g.assign_init not in ("random", "classifier"):
+        raise ConfigError(f"group.assign_init: {g.assign_init!r}; use random or classifier")
+    if g.assign_init == "classifier" and g.init == "scratch":
+        raise ConfigError("group.assign_init: classifier needs a trained classifier to start from; "
+                          "set group.init to baseline or pretrained")
     if cfg.group.init == "baseline" and not cfg.baseline.enabled:
         raise ConfigError("group.init: baseline, but baseline.enabled is false")
     if cfg.group.init == "pretrained" and not cfg.model.pretrained:

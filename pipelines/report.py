@@ -65,6 +65,23 @@ def _wordnet_categories(class_names: list[str]) -> list[str] | None:
         return None
 
 
+def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents) -> dict:
+    """Where ``group.assign_init: classifier`` started the class groups (recomputed from the
+    baseline's classifier: deterministic), and how many classes the grouping moved away."""
+    from splitnet.grouping import classifier_class_groups
+
+    from .stages import load_state_file
+
+    with rd.local_copy("baseline") as d:
+        fc = load_state_file(Path(d) / "model.safetensors")["fc.weight"]
+    start = classifier_class_groups(fc, max(class_to_group) + 1).tolist()
+    out = {"assign_init": "classifier", "classes_moved": sum(a != b for a, b in zip(start, class_to_group))}
+    at_start = _semantic(start, parents)
+    if at_start:
+        out["nmi"] = at_start["nmi"]
+    return out
+
+
 def _checks(metrics: dict, counts: dict, cut_result: dict, semantic: dict | None) -> dict:
     """Each check: {ok, value, goal, what} (ok None when the run lacks what it needs, e.g. no baseline)."""
     base, tree_m = metrics.get("baseline"), metrics["tree"]
@@ -116,6 +133,8 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
     categories = _wordnet_categories(manifest["class_names"])
     if categories is not None:  # ImageNet-style wnids: thousands of parents, ~26 coarse categories
         semantic = {**(semantic or {}), "vs_wordnet_category": semantic_quality(manifest["class_to_group"], categories)}
+    if cfg.group.assign_init == "classifier" and cfg.group.init == "baseline":
+        semantic = {**(semantic or {}), "start": _class_groups_at_start(rd, manifest["class_to_group"], info.parents)}
     stages = {k: {"seconds": v.get("seconds"), **({"history": v["result"].get("history")} if isinstance(v.get("result"), dict)
                                                    and "history" in v["result"] else {})}
               for k, v in state["stages"].items()}
@@ -205,6 +224,11 @@ def summary(r: dict) -> str:
         parts.append(f"The class groups {'follow' if ch['semantic_groups']['ok'] else 'do NOT clearly follow'} the "
                      f"{'WordNet categories' if (r['semantic'] or {}).get('vs_wordnet_category') else 'superclasses'}: "
                      f"NMI {ref['nmi']:.3f} against {ref['random_nmi_mean']:.3f} ± {ref['random_nmi_std']:.3f} for random groups.")
+    start = (r["semantic"] or {}).get("start")
+    if start:
+        parts.append(f"They started from the dense baseline's classifier (group.assign_init: classifier"
+                     + (f", NMI {start['nmi']:.3f}" if "nmi" in start else "")
+                     + f"); grouping moved {start['classes_moved']} of {r['data']['classes']} classes.")
     known = {k: v for k, v in ch.items() if v["ok"] is not None}
     failed = [k for k, v in known.items() if not v["ok"]]
     parts.append(f"Checks: {len(known) - len(failed)} of {len(known)} pass" + (f"; failing: {', '.join(failed)}." if failed else "."))

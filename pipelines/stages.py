@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from splitnet import build_model
-from splitnet.grouping import Grouping, GroupingSchedule
+from splitnet.grouping import Grouping, GroupingSchedule, classifier_class_groups, init_class_assignment_
+from splitnet.models import CLASSES
 from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
 from splitnet.train import evaluate, format_epoch, train_one_epoch
 
@@ -125,12 +126,18 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
         return model
     if stage == "group":
         model = build_model(m.arch, num_classes, m.split, split_dropout=m.split_dropout)
-        init = cfg.group.init
+        init, skipped = cfg.group.init, []
         if init == "baseline":
             with rd.local_copy("baseline") as d:
                 model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
         elif init == "pretrained":
-            model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
+            skipped = model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
+        if cfg.group.assign_init == "classifier":
+            if any(key.startswith("fc.") for key in skipped):
+                raise ValueError("group.assign_init: classifier, but the pretrained weights have another number of "
+                                 "classes (their classifier was not loaded); use assign_init: random")
+            labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
+            init_class_assignment_(model, labels, cfg.group.assign_init_margin)
         if cfg.group.freeze_split_bn_scale:
             freeze_split_bn_scale(model)
         return model
@@ -164,7 +171,8 @@ def _optimizer(cfg: PipelineConfig, stage: str, model) -> torch.optim.Optimizer:
     st = getattr(cfg, stage)
     if stage == "group":
         groups = parameter_groups(model, st.lr, st.weight_decay, split_lr_mult=st.split_lr_mult,
-                                  assignment_lr_mult=st.assignment_lr_mult)
+                                  assignment_lr_mult=st.assignment_lr_mult,
+                                  class_assignment_lr_mult=st.class_assignment_lr_mult or None)
     elif stage == "finetune":
         groups = parameter_groups(model, st.lr, st.weight_decay, split_lr_mult=st.split_lr_mult)
     else:

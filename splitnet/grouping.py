@@ -313,3 +313,65 @@ class Grouping:
 
         hard = self.hard if self.hard is not None else hard_assignment(self.model, *self.minimum)
         return off_block_energy(self.model, hard)
+
+
+# -- where the class groups start ----------------------------------------------------------------
+ASSIGN_INITS = ("random", "classifier")
+
+
+@torch.no_grad()
+def classifier_class_groups(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Balanced class groups [C] from a trained classifier's weight [C, F]: classes whose weight
+    vectors point the same way (cosine similarity, signs included) share a group.
+
+    Recursive spectral bisection: split a set of classes at the median of the Fiedler vector of
+    their similarity graph (affinity ``(1 + cos) / 2``, normalized Laplacian); the first half gets
+    the lower group ids, so merging adjacent fine groups (4 -> 2: ``[0, 0, 1, 1]``) gives the
+    coarse split. Group sizes differ by at most one class per split.
+
+    Why not the group-weight term alone: it sees only ``W**2`` and so cannot tell a class that
+    uses a feature from one that votes against it. From a trained dense model the assignments it
+    learns converge to the co-clustering of ``W**2`` (its second singular vectors) whatever their
+    init; on the demo's 20 classes that split scores NMI 0.26 against the superclasses, the
+    signed similarity's 0.67 (animals vs vehicles, the best a 2-group split can score).
+    """
+    w = weight.detach().double().cpu()
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    affinity = (1.0 + w @ w.T) / 2.0
+    labels = torch.zeros(w.shape[0], dtype=torch.long)
+
+    def split(index: torch.Tensor, first: int, count: int) -> None:
+        if count == 1 or index.numel() <= 1:
+            labels[index] = first
+            return
+        a = affinity[index][:, index]
+        inv_sqrt = a.sum(1).clamp_min(1e-12).rsqrt()
+        laplacian = torch.eye(len(index), dtype=a.dtype) - inv_sqrt[:, None] * a * inv_sqrt[None, :]
+        _, vectors = torch.linalg.eigh(laplacian)
+        fiedler = vectors[:, 1] * inv_sqrt
+        if fiedler[0] > 0:  # eigenvectors have no sign: make the result deterministic
+            fiedler = -fiedler
+        order = index[torch.argsort(fiedler, stable=True)]
+        low = count // 2
+        cut_at = round(index.numel() * low / count)
+        split(order[:cut_at].sort().values, first, low)
+        split(order[cut_at:].sort().values, first + low, count - low)
+
+    split(torch.arange(w.shape[0]), 0, groups)
+    return labels
+
+
+@torch.no_grad()
+def init_class_assignment_(model: SplitModel, labels: torch.Tensor, margin: float = 2.0) -> None:
+    """Start the class assignment at ``labels`` (group id per class): ``margin`` added to the
+    logit of the class's group (the init noise stays). ``margin = 2`` with 2 groups is q ~ 0.88: a
+    lean, not a decision; the objective still moves the classes. How far it moves them depends on
+    the class matrix's learning rate (``class_assignment_lr_mult``): from the demo's baseline, x60
+    let the W**2 co-clustering pull NMI from 0.67 back to 0.38 in 3 epochs, x6 kept 0.67."""
+    from .models.base import CLASSES
+
+    logits = model.assignments.logit(CLASSES)
+    if labels.numel() != logits.shape[1] or int(labels.max()) >= logits.shape[0]:
+        raise ValueError(f"class labels for {labels.numel()} classes in {int(labels.max()) + 1} groups do not fit "
+                         f"the class assignment [{logits.shape[0]}, {logits.shape[1]}]")
+    logits.scatter_add_(0, labels.to(logits.device)[None, :], torch.full_like(logits[:1], margin))

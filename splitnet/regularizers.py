@@ -311,10 +311,11 @@ def regularization_loss(model: SplitModel, weights: RegularizerWeights) -> tuple
 
 
 def parameter_groups(model, lr: float, weight_decay: float, split_lr_mult: float = 1.0,
-                     assignment_lr_mult: float = 1.0) -> list[dict]:
+                     assignment_lr_mult: float = 1.0, class_assignment_lr_mult: float | None = None) -> list[dict]:
     """Optimizer groups with their own ``lr``: weights (with weight decay), split-layer weights
     (``lr * split_lr_mult``, e.g. 10x when grouping a pretrained net), assignments (no weight
-    decay, ``lr * assignment_lr_mult``). BatchNorm parameters and biases get no weight decay.
+    decay, ``lr * assignment_lr_mult``; the class matrix ``lr * class_assignment_lr_mult`` when
+    that is given). BatchNorm parameters and biases get no weight decay.
     Works for a dense :class:`SplitModel`, a cut tree (its subtrees are the split layers) and,
     without the split/assignment groups, any module."""
     split_ids = set()
@@ -326,9 +327,17 @@ def parameter_groups(model, lr: float, weight_decay: float, split_lr_mult: float
         if getattr(layer.module, "bias", None) is not None:
             split_ids.add(id(layer.module.bias))
     assign_ids = {id(p) for p in model.assignments.parameters()} if isinstance(model, SplitModel) else set()
-    decay, no_decay, split_decay, split_no_decay, assign = [], [], [], [], []
+    class_ids = set()
+    if class_assignment_lr_mult is not None and isinstance(model, SplitModel):
+        from .models.base import CLASSES
+
+        class_ids = {id(model.assignments.logit(CLASSES))}
+    decay, no_decay, split_decay, split_no_decay, assign, class_assign = [], [], [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
+            continue
+        if id(param) in class_ids:
+            class_assign.append(param)
             continue
         if id(param) in assign_ids:
             assign.append(param)
@@ -344,6 +353,8 @@ def parameter_groups(model, lr: float, weight_decay: float, split_lr_mult: float
         {"params": split_decay, "weight_decay": weight_decay, "lr": lr * split_lr_mult, "name": "split_weights"},
         {"params": split_no_decay, "weight_decay": 0.0, "lr": lr * split_lr_mult, "name": "split_bias"},
         {"params": assign, "weight_decay": 0.0, "lr": lr * assignment_lr_mult, "name": "assignments"},
+        {"params": class_assign, "weight_decay": 0.0, "lr": lr * (class_assignment_lr_mult or 0.0),
+         "name": "class_assignment"},
     ]
     return [g for g in groups if g["params"]]
 

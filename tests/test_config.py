@@ -61,6 +61,9 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["group.schedule=step"], "group.milestones"),
     (["data=3"], "data: expected a mapping"),
     (["group.epochs"], "expected key=value"),
+    (["group.assign_init=classifier", "group.init=scratch"], "group.assign_init: classifier needs a trained classifier"),
+    (["group.assign_init=kmeans"], "group.assign_init: 'kmeans'; use random or classifier"),
+    (["group.class_assignment_lr_mult=-1"], "group.class_assignment_lr_mult"),
 ])
 def test_bad_values_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as err:

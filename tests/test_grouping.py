@@ -172,3 +172,62 @@ def test_grouping_step_never_waits_for_the_device(monkeypatch):
     calls["n"] = 0
     train_one_epoch(model, data, opt, grouping=grouping, global_step=steps)       # sparsify phase, 12 steps
     assert assign_calls <= 1 and calls["n"] <= 1, (assign_calls, calls["n"])      # the one read at the end
+
+
+def _signed_clusters(groups: int, per_group: int, features: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier [C, F] whose classes fall in ``groups`` (2 or 4) planted, nested clusters that
+    W**2 cannot see: cluster centers +-c (+-d for 4 groups, |d| < |c|) differ only in their signs.
+    Returns (weight, true labels); true labels 0,1 | 2,3 form the coarse clusters."""
+    g = torch.Generator().manual_seed(seed)
+    c, d = torch.randn(features, generator=g), 0.6 * torch.randn(features, generator=g)
+    centers = [c, -c] if groups == 2 else [c + d, c - d, -c + d, -c - d]
+    rows, truth = [], []
+    for k, center in enumerate(centers):
+        for _ in range(per_group):
+            rows.append(center + 0.2 * torch.randn(features, generator=g))
+            truth.append(k)
+    perm = torch.randperm(len(rows), generator=g)
+    return torch.stack(rows)[perm], torch.tensor(truth)[perm]
+
+
+def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    pairs_a = a[:, None] == a[None, :]
+    pairs_b = b[:, None] == b[None, :]
+    return bool(torch.equal(pairs_a, pairs_b))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_classifier_class_groups_find_signed_clusters_balanced_and_nested(groups):
+    from splitnet.assignment import merge_hard
+    from splitnet.grouping import classifier_class_groups
+
+    weight, truth = _signed_clusters(groups, 6)
+    labels = classifier_class_groups(weight, groups)
+    assert torch.bincount(labels, minlength=groups).tolist() == [6] * groups
+    assert _same_partition(labels, truth)
+    if groups == 4:  # fine groups 0,1 | 2,3 merge into the coarse split (the reference's merge rule)
+        coarse = merge_hard(labels, 4, 2)
+        assert torch.bincount(coarse).tolist() == [12, 12]
+        assert _same_partition(coarse, merge_hard(truth, 4, 2))
+    # the magnitudes alone carry nothing here: W**2 of the two members of a pair is the same
+    assert torch.equal(classifier_class_groups(weight, groups), labels)  # deterministic
+
+
+def test_class_assignment_init_leans_the_classes_and_the_class_matrix_has_its_own_rate():
+    from splitnet.grouping import classifier_class_groups, init_class_assignment_
+    from splitnet.models import CLASSES
+
+    torch.manual_seed(0)
+    model = build_model("wrn-10-1", 12, "2-2-2")
+    weight, truth = _signed_clusters(2, 6, features=model.fc.in_features)
+    with torch.no_grad():
+        model.fc.weight.copy_(weight)
+    labels = classifier_class_groups(model.fc.weight, 2)
+    init_class_assignment_(model, labels, margin=1.0)
+    q = model.assignments.probs(CLASSES)
+    assert torch.equal(q.argmax(0), labels)
+    assert float(q.max(0).values.min()) == pytest.approx(1 / (1 + math.exp(-1)), abs=0.02)  # a lean, not a decision
+    groups = {g["name"]: g for g in parameter_groups(model, 0.1, 5e-4, assignment_lr_mult=600, class_assignment_lr_mult=6)}
+    assert [p is model.assignments.logit(CLASSES) for p in groups["class_assignment"]["params"]] == [True]
+    assert groups["class_assignment"]["lr"] == pytest.approx(0.6) and groups["assignments"]["lr"] == pytest.approx(60)
+    assert all(p is not model.assignments.logit(CLASSES) for p in groups["assignments"]["params"])

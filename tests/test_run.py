@@ -108,6 +108,10 @@ def _assert_complete_run(run_dir: Path) -> dict:
     for key in ("grouped", "cut", "tree"):
         assert 0 <= report["models"][key]["top1"] <= 1 and report["models"][key]["images"] > 0
     assert report["semantic"]["num_groups"] == 2 and 0 <= report["semantic"]["purity"] <= 1
+    # the demo starts its class groups from the baseline's classifier; the report says so
+    start = report["semantic"]["start"]
+    assert start["assign_init"] == "classifier" and 0 <= start["classes_moved"] <= 20 and 0 <= start["nmi"] <= 1
+    assert "started from the dense baseline's classifier" in (run_dir / "report.md").read_text()
     md = (run_dir / "report.md").read_text()
     assert "| tree finetuned" in md and "Reduction of the tree" in md and "NMI" in md and "## Checks" in md
     # the method's own verdict: what the cut dropped, per split layer, and the grouping epoch by epoch

@@ -390,7 +390,7 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"group.assign_init: {g.assign_init!r}; use random or classifier")
     if g.assign_init == "classifier" and g.init == "scratch":
         raise ConfigError("group.assign_init: classifier needs a trained classifier to start from; "
-                          "set group.init to baseline or pretrained")
+                          "set group.init to baseline or pretrained, or group.assign_init to random")
     if cfg.group.init == "baseline" and not cfg.baseline.enabled:
         raise ConfigError("group.init: baseline, but baseline.enabled is false")
     if cfg.group.init == "pretrained" and not cfg.model.pretrained:

@@ -223,7 +223,8 @@ def test_successful_run_prints_its_own_lines_only(ray_cluster, tiny_cifar, tmp_p
     # no baseline stage (one Ray Train start-up less): the grouping, cut, finetune and evaluate stages
     # show every kind of output the baseline would
     args = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
-            *tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch")]
+            *tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch",
+                  group__assign_init="random")]
     env = _cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     env.pop("SPLITNET_PROGRESS")  # the default: no Ray Data progress bars either
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -264,8 +265,8 @@ cluster.shutdown()
 def test_two_node_cluster_spreads_the_workers(tiny_cifar, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-c", MULTINODE, str(ROOT / "pipelines/configs/demo.yaml"),
-            *tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch", group__epochs=1,
-                  scaling__placement_strategy="STRICT_SPREAD")]
+            *tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch", group__assign_init="random",
+                  group__epochs=1, scaling__placement_strategy="STRICT_SPREAD")]
     r = subprocess.run(args, cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     state = json.loads((run_dir / "state.json").read_text())
@@ -311,7 +312,8 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
             return subprocess.run([str(ray_bin), "job", "list"], env=job_env, capture_output=True).returncode == 0
 
         _wait_for(dashboard_up, "the head's job server", timeout=180, alive=lambda: head.poll() is None)
-        overrides = tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch", group__epochs=1)
+        overrides = tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch", group__assign_init="random",
+                         group__epochs=1)
         job_id = f"splitnet-test-{os.getpid()}"
         submit = [str(ray_bin), "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(ROOT), "--",
                   "splitnet", "run", "pipelines/configs/demo.yaml", *overrides]

@@ -259,7 +259,6 @@ class _Model:
         from splitnet.artifacts import load_tree, load_trunk
 
         self.mode, self.device, self.amp, self.cores = mode, device, amp, cores
-        self.ran_on: list[int] = []
         if mode == "fanout":
             self.net, _ = load_trunk(local_tree, device)
         elif mode == "local":
@@ -277,7 +276,7 @@ class _Model:
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> np.ndarray:
-        self.ran_on = pin_thread(self.cores)
+        pin_thread(self.cores)
         with _autocast(self.device, self.amp):
             return self.net(x.to(self.device, non_blocking=True)).float().cpu().numpy()
 

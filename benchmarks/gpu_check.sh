@@ -5,7 +5,7 @@
 #
 # (a) benchmarks/train_step.py on cuda, fp32 and --amp bf16: wrn-16-8 (CIFAR, 32px, batch 128,
 #     split 2-2-2) and resnet50 with 21841 classes (224px, batch 64, layer4 + fc in 4 groups: 4-4);
-#     dense vs grouping vs split, few steps each;
+#     dense vs grouping vs split, few steps each (wrn bf16 also with the forward compiled: scaling.compile);
 # (b) benchmarks/split_forward.py on cuda, if it has a --device option (skipped otherwise);
 # (c) a Ray smoke test: ray.init(num_gpus=1); TorchTrainer (1 GPU worker, NCCL) training a splitnet
 #     model 20 steps on random tensors under bf16 autocast and reporting a checkpoint; a Ray Serve
@@ -85,7 +85,7 @@ fi
 TS=("$PY" benchmarks/train_step.py --device "$DEVICE" --out-dir "$OUT")
 if want train_step; then
   part "train_step wrn fp32"       70 210 "${TS[@]}" "${WRN[@]}" --tag wrn-fp32
-  part "train_step wrn bf16"       60 180 "${TS[@]}" "${WRN[@]}" --amp bf16 --tag wrn-bf16
+  part "train_step wrn bf16"      110 180 "${TS[@]}" "${WRN[@]}" --amp bf16 --compile --tag wrn-bf16  # + each step compiled
   part "train_step resnet50 bf16"  80 150 "${TS[@]}" "${R50[@]}" --amp bf16 --channels-last --tag resnet50-bf16-cl
   part "train_step resnet50 fp32"  80 130 "${TS[@]}" "${R50[@]}" --channels-last --tag resnet50-fp32-cl
 fi

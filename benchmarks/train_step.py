@@ -42,21 +42,23 @@ from splitnet.fused import FusedTree
 from splitnet.grouping import BlockProx, Grouping, GroupingSchedule
 from splitnet.profiling import count_ops
 from splitnet.regularizers import RegularizerWeights, parameter_groups, regularizer_terms, regularizer_terms_reference
+from splitnet.train import CompiledForward
 
 # split used when --split is not given: the paper's configs (resnet: layer4 + fc in 4 groups).
 DEFAULT_SPLIT = {"wrn": "2-2-2", "resnet": "4-4"}
 
 
-def make_step(model, optimizer, x, y, *, reg_weights=None, amp_dtype=None, device_type="cpu"):
+def make_step(model, optimizer, x, y, *, reg_weights=None, amp_dtype=None, device_type="cpu", compile=False):
     """One training step as ``splitnet.train.train_one_epoch`` runs it while grouping (the assign
     phase: CE + the three regularizers, fused) or plainly. Like the loop, it never waits for the
     device: the loss stays there. The regularizers are computed outside autocast, in float32 (sqrt /
     clamp at 1e-12 of bf16 sums would lose the small terms)."""
     grouping = Grouping(model, reg_weights, GroupingSchedule(method="reference"), 0) if reg_weights is not None else None
+    forward = CompiledForward(model) if compile else model  # as scaling.compile runs it: the regularizers stay eager
 
     def step() -> torch.Tensor:
         with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-            logits = model(x)
+            logits = forward(x)
             loss = F.cross_entropy(logits, y)
         if grouping is not None:
             reg, _terms = grouping.loss(0)
@@ -69,12 +71,15 @@ def make_step(model, optimizer, x, y, *, reg_weights=None, amp_dtype=None, devic
     return step
 
 
-def regularizer_cost(model, sync, clock, repeats: int = 5) -> dict:
+def regularizer_cost(model, sync, clock, repeats: int = 5, compiled: bool = False) -> dict:
     """The regularizers' own forward + backward: time (median of ``repeats``) and dispatched ops,
     layer by layer as the formulas read (``before``) and batched (``after``, what training runs);
     and the sparsify phase's proximal step (batched)."""
     out = {}
-    for name, fn in (("before", regularizer_terms_reference), ("after", regularizer_terms)):
+    fns = [("before", regularizer_terms_reference), ("after", regularizer_terms)]
+    if compiled:  # the batched regularizers through torch.compile (not what training runs: see docs/scaling.md)
+        fns.append(("after_compiled", torch.compile(regularizer_terms, dynamic=False)))
+    for name, fn in fns:
         def run(fn=fn):
             t = fn(model)
             (t["disjoint"] + t["weight"] + 10 * t["balance"]).backward()
@@ -86,7 +91,7 @@ def regularizer_cost(model, sync, clock, repeats: int = 5) -> dict:
             run()
             sync()
             times.append(clock() - t0)
-        ops = count_ops(run)
+        ops = count_ops(run) if name != "after_compiled" else {"compute": None, "top_level": None}
         out[name] = {"ms": statistics.median(times) * 1e3, "ops": ops["compute"], "ops_with_views": ops["top_level"]}
     model.zero_grad(set_to_none=True)
     prox = BlockProx(model, hard_assignment(model))
@@ -127,6 +132,8 @@ def main(argv=None):
                          "the work per step on a machine other jobs load; CPU device only)")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--no-split-step", action="store_true", help="skip the split finetune step")
+    ap.add_argument("--compile", action="store_true", help="also each variant with its forward through torch.compile "
+                    "(scaling.compile), and the regularizers compiled")
     ap.add_argument("--tag", default=None, help="result file tag (default from arch/size/device/amp)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -163,11 +170,13 @@ def main(argv=None):
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     reg_weights = RegularizerWeights()
+    if args.compile:  # the same models again (copies: own weights and optimizer state), forward compiled
+        variants.update({f"{name}+c": copy.deepcopy(model) for name, model in list(variants.items())})
     steps = {}
     for name, model in variants.items():
         opt = torch.optim.SGD(parameter_groups(model, args.lr, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
-        steps[name] = make_step(model, opt, x, y, reg_weights=reg_weights if name == "grouping" else None,
-                                amp_dtype=amp_dtype, device_type=device.type)
+        steps[name] = make_step(model, opt, x, y, reg_weights=reg_weights if name.startswith("grouping") else None,
+                                amp_dtype=amp_dtype, device_type=device.type, compile=name.endswith("+c"))
     for name, step in steps.items():
         for _ in range(args.warmup):
             step()
@@ -190,12 +199,12 @@ def main(argv=None):
                      "ratio_vs_dense": r, "ratio_spread": spread,
                      # fastest block of each: the least disturbed estimate on a busy machine
                      "best_ms_per_step": min(times[name]) * 1e3, "best_ratio_vs_dense": min(times["dense"]) / min(times[name]),
-                     "weights": count_weights(variants[name] if name != "fused" else variants[name].tree)})
+                     "weights": count_weights(variants[name].tree if name.startswith("fused") else variants[name])})
     by = {r["variant"]: r for r in rows}
     overhead_ratio = by["grouping"]["ratio_vs_dense"]
-    reg = regularizer_cost(variants["grouping"], sync, clock)
+    reg = regularizer_cost(variants["grouping"], sync, clock, compiled=args.compile)
     dense_ms = by["dense"]["ms_per_step"]
-    for k in ("before", "after"):
+    for k in ("before", "after") + (("after_compiled",) if args.compile else ()):
         reg[k]["share_of_dense_step"] = reg[k]["ms"] / dense_ms
     tree_ops = None
     if "split" in variants:
@@ -204,7 +213,8 @@ def main(argv=None):
         reg["split_step_ops"] = tree_ops
         reg["fused_split_step_ops"] = count_ops(steps["fused"])["compute"]
     tag = args.tag or "-".join([args.arch, f"{args.size}px", device.type] + (["bf16"] if amp_dtype else [])
-                               + (["cl"] if args.channels_last else []) + (["cputime"] if args.clock == "cpu" else []))
+                               + (["cl"] if args.channels_last else []) + (["cputime"] if args.clock == "cpu" else [])
+                               + (["compile"] if args.compile else []))
     result = {
         "benchmark": "train_step", "target": "grouping / dense images/s >= 0.90",
         "arch": args.arch, "classes": args.classes, "split": split, "batch": args.batch, "size": args.size,
@@ -217,6 +227,8 @@ def main(argv=None):
         "fused_split_over_dense": by["fused"]["ratio_vs_dense"] if "fused" in by else None,
         "grouping_over_dense_best": by["grouping"]["best_ratio_vs_dense"],
         "target_met": overhead_ratio >= 0.90, "rows": rows, "regularizer": reg,
+        "compiled_over_eager": {name: by[name]["ratio_vs_dense"] / by[name[:-2]]["ratio_vs_dense"]
+                                for name in by if name.endswith("+c")},
         "block_seconds_per_step": times,
     }
     out = Path(args.out_dir) / f"train_step-{tag}.json"
@@ -234,6 +246,10 @@ def main(argv=None):
     print(f"regularizers alone (forward + backward): before {b['ms']:.1f} ms, {b['ops']} ops ({b['ops_with_views']} with views); "
           f"after {a['ms']:.1f} ms, {a['ops']} ops ({a['ops_with_views']}): {b['ops'] / a['ops']:.1f}x fewer ops, "
           f"{a['share_of_dense_step']:.2%} of a dense step (target <= 3%, >= 5x fewer ops)")
+    if args.compile:
+        print("torch.compile, rate compiled / eager: " + ", ".join(f"{k[:-2]} {v:.2f}x" for k, v in
+                                                                 result["compiled_over_eager"].items())
+              + f"; regularizers alone {a['ms']:.1f} ms eager, {reg['after_compiled']['ms']:.1f} ms compiled")
     print(f"proximal step (sparsify phase): {reg['prox_step']['ops']} ops"
           + (f"; training step ops: dense {reg['dense_step_ops']}, split tree {reg['split_step_ops']}, "
              f"fused tree {reg['fused_split_step_ops']}" if tree_ops else ""))

@@ -70,6 +70,7 @@ class ScalingConfigSpec:
     amp: str = "none"              # none | bf16 (autocast)
     torch_threads: int = 0         # intra-op threads per worker; 0 = max(1, cpus_per_worker)
     channels_last: bool = True     # NHWC convolutions (1.4-1.6x faster training on CPU, measured; also GPU)
+    compile: bool = False          # torch.compile the training forward (eager where compiling fails); docs/scaling.md
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (workers over nodes)
     autoscale: bool = False        # the cluster adds nodes on demand: wait for CPUs/GPUs instead of failing fast
 

@@ -26,7 +26,7 @@ from splitnet import build_model
 from splitnet.grouping import Grouping, GroupingSchedule, classifier_class_groups, init_class_assignment_
 from splitnet.models import CLASSES
 from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
-from splitnet.train import evaluate, format_epoch, train_one_epoch
+from splitnet.train import CompiledForward, evaluate, format_epoch, train_one_epoch
 
 from .config import PipelineConfig, from_dict
 from .rundir import RunDir
@@ -327,6 +327,8 @@ def train_loop(config: dict) -> None:
                             total_steps=st.epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
                             min_channels_per_group=cfg.cut.min_channels_per_group)
     ddp = _ddp(model) if world > 1 else model
+    if cfg.scaling.compile:  # the training forward only; evaluation and the regularizers stay eager
+        ddp = CompiledForward(ddp, warn=(lambda m: say(f"[{stage}] {m}")) if rank == 0 else (lambda m: None))
     from .data.stream import torch_batches
 
     per_worker_batch = st.batch_size // world

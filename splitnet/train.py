@@ -30,6 +30,36 @@ def _prox_lr(optimizer: torch.optim.Optimizer) -> float:
     return g["lr"] / max(1.0 - g.get("momentum", 0.0), 1e-3)
 
 
+class CompiledForward(torch.nn.Module):
+    """``module``'s training forward through ``torch.compile``, falling back to ``module`` itself.
+
+    Compilation happens at the first call; where it fails (no working C++ compiler for Inductor
+    on a CPU node, an op Dynamo cannot trace, an old GPU), ``warn`` gets one line naming the error
+    and every later call runs eager: a run never dies of an optimization. The wrapper holds no
+    parameters of its own (``state_dict`` is ``module``'s, saved from ``module``); ``train()`` /
+    ``eval()`` reach ``module``. Evaluation keeps the eager module (one graph, not two).
+
+    Measured (``benchmarks/train_step.py --compile``, CPU, bf16 + channels-last): see docs/scaling.md.
+    """
+
+    def __init__(self, module: torch.nn.Module, warn: Callable[[str], None] = print, **compile_kwargs):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_compiled", torch.compile(module, **{"dynamic": False, **compile_kwargs}))
+        self._warn = warn
+        self.failed: str | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.failed is None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: run eager instead
+                first = (str(e).strip().splitlines() or [""])[0]
+                self.failed = f"{type(e).__name__}: {first[:200]}"
+                self._warn(f"torch.compile failed ({self.failed}); training continues eager")
+        return self.module(*args, **kwargs)
+
+
 def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
                     grouping: Grouping | None = None, reg_weights: RegularizerWeights | None = None,
                     split_model=None, device="cpu", max_steps: int | None = None,

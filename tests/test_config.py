@@ -36,6 +36,8 @@ def test_reference_configs_say_what_the_issue_asks():
     assert big.data.source.startswith("s3://") and big.data.image_size == 224
     # the subtrees fused into grouped ops where a step is launch-bound (GPU); on CPU they measured slower
     assert ref.finetune.fuse and big.finetune.fuse and not demo.finetune.fuse
+    # the GPU recipes compile the training forward; the demo (a few minutes per stage) does not
+    assert ref.scaling.compile and big.scaling.compile and not demo.scaling.compile
     # the demo's class groups start from its baseline's classifier, the class matrix learning slowly
     assert demo.group.assign_init == "classifier" and demo.group.class_assignment_lr_mult < demo.group.assignment_lr_mult
 
@@ -55,6 +57,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["group.epochs=three"], "group.epochs: expected an integer, got 'three'"),
     (["group.epochs=0"], "group.epochs: must be > 0"),
     (["scaling.use_gpu=maybe"], "scaling.use_gpu: expected true or false"),
+    (["scaling.compile=yes please"], "scaling.compile: expected true or false"),
     (["scaling.backend=mpi"], "scaling.backend: 'mpi' is not one of"),
     (["model.arch=vgg"], "model.arch: unknown arch 'vgg'"),
     (["model.split=2-3-2"], "model.split:"),
@@ -151,7 +154,7 @@ def test_rehearsal_overlay_retargets_the_imagenet22k_recipe_to_cpu():
     assert (cfg.model.arch, cfg.model.split, cfg.data.val_fraction) == ("resnet50", "4-4", base.data.val_fraction)
     assert (cfg.group.balance, cfg.group.split_lr_mult, cfg.group.lr) == (base.group.balance, base.group.split_lr_mult,
                                                                           base.group.lr)
-    assert cfg.baseline == base.baseline
+    assert cfg.baseline == base.baseline and base.scaling.compile and not cfg.scaling.compile
     # the overlay's opening comment is the command that runs it
     assert "splitnet run pipelines/configs/imagenet22k-resnet50.yaml pipelines/configs/rehearsal-cpu.yaml" \
         in REHEARSAL.read_text().split("\nname:")[0]

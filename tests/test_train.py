@@ -32,3 +32,68 @@ def test_plain_training_learns_and_evaluate_counts():
     assert "weight" not in last and last["ce"] < first["ce"]
     result = evaluate(model, synthetic(seed=1))
     assert result["images"] == 64 and 0 <= result["top1"] <= result["top5"] <= 1
+
+
+def _twin_steps(compiled_forward, seed=0):
+    """The same tiny model trained 2 steps eager and 2 steps through ``compiled_forward(model)``:
+    (eager state, compiled-route state)."""
+    g = torch.Generator().manual_seed(seed)
+    # unit-variance images: synthetic()'s near-constant ones leave the first BatchNorm a variance near
+    # 0, where any reordering of its float sums (which Inductor does) is amplified to ~1e-3
+    batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    states = []
+    for wrap in (lambda m: m, compiled_forward):
+        torch.manual_seed(seed)
+        model = build_model("wrn-10-1", 4, "2-2-2")
+        forward = wrap(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        train_one_epoch(forward, batches, opt)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
+def test_compiled_forward_trains_the_same_weights_as_eager():
+    """scaling.compile: the wrapper's training steps move the module's own weights as eager steps
+    do (to float tolerance); it holds no state of its own and train()/eval() reach the module."""
+    from splitnet.train import CompiledForward
+
+    warnings = []
+    eager, compiled = _twin_steps(lambda m: CompiledForward(m, warn=warnings.append))
+    assert warnings == []
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+    model = build_model("wrn-10-1", 4, "1")
+    wrapper = CompiledForward(model)
+    assert wrapper.state_dict().keys() == {f"module.{k}" for k in model.state_dict()}
+    wrapper.eval()
+    assert not model.training
+
+
+def test_compiled_forward_falls_back_to_eager_with_one_line(monkeypatch):
+    """No working C++ compiler for Inductor (a bare CPU node): one warning naming the error, then
+    the steps run eager and train exactly as eager does."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from splitnet.train import CompiledForward
+
+    torch._dynamo.reset()  # nothing compiled by an earlier test may be reused
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    warnings, wrappers = [], []
+
+    def wrap(m):
+        wrappers.append(CompiledForward(m, warn=warnings.append))
+        return wrappers[-1]
+
+    eager, fallback = _twin_steps(wrap, seed=1)
+    torch._dynamo.reset()
+    assert len(warnings) == 1 and warnings[0].startswith("torch.compile failed (") and "eager" in warnings[0], warnings
+    assert "compiler" in warnings[0].lower() and wrappers[0].failed
+    for k in eager:
+        torch.testing.assert_close(fallback[k], eager[k], rtol=0, atol=0, msg=k)

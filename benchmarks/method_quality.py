@@ -48,9 +48,11 @@ def cosine(t: float) -> float:
 
 
 def train(model, data, epochs: int, args, *, lr_span: tuple[float, float], grouping: Grouping | None = None,
-          stage: str, log, test=None, assignment_lr_mult: float = 1.0) -> list[dict]:
+          stage: str, log, test=None, assignment_lr_mult: float = 1.0,
+          class_assignment_lr_mult: float | None = None) -> list[dict]:
     """``epochs`` epochs of SGD; the learning rate follows ``args.lr * cosine(t)`` for t over ``lr_span``."""
-    opt = torch.optim.SGD(parameter_groups(model, args.lr, args.weight_decay, assignment_lr_mult=assignment_lr_mult),
+    opt = torch.optim.SGD(parameter_groups(model, args.lr, args.weight_decay, assignment_lr_mult=assignment_lr_mult,
+                                           class_assignment_lr_mult=class_assignment_lr_mult),
                           lr=args.lr, momentum=0.9, nesterov=True)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
@@ -103,6 +105,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsify-strength", type=float, default=100.0)
     ap.add_argument("--disjoint-hold", type=float, default=0.5)
     ap.add_argument("--assignment-lr-mult", type=float, default=1000.0)
+    ap.add_argument("--assign-init", default="random", choices=("random", "classifier"),
+                    help="classifier: at the end of the warm-up, start the class groups from the classifier "
+                         "(group.assign_init: classifier, margin --assign-init-margin)")
+    ap.add_argument("--assign-init-margin", type=float, default=2.0)
+    ap.add_argument("--class-assignment-lr-mult", type=float, default=None,
+                    help="the class matrix's own rate (group.class_assignment_lr_mult); default: --assignment-lr-mult")
     ap.add_argument("--reg", type=float, nargs=3, default=(1.0, 1.0, 10.0), metavar=("G1", "G2", "G3"))
     ap.add_argument("--schedule", default="joint", choices=("joint", "restart"))
     ap.add_argument("--lr", type=float, default=0.1)
@@ -179,12 +187,24 @@ def main(argv=None) -> int:
     model = build_model(args.arch, 100, args.split).to(memory_format=torch.channels_last)
     schedule = GroupingSchedule(args.method, args.warmup, args.sparsify, args.sparsify_strength, args.disjoint_hold)
     steps = args.group_epochs * (len(train_set) // args.batch)
-    grouping = Grouping(model, RegularizerWeights(*args.reg), schedule, steps)
+    if args.assign_init == "classifier" and (args.method != "staged" or args.warmup <= 0):
+        ap.error("--assign-init classifier starts from the classifier the warm-up trained: needs --method staged "
+                 "and --warmup > 0")
+    grouping = Grouping(model, RegularizerWeights(*args.reg), schedule, steps,
+                        classifier_init_margin=args.assign_init_margin if args.assign_init == "classifier" else None)
     span = args.group_epochs / args.epochs if args.schedule == "joint" else 1.0
     hist = train(model, train_set, args.group_epochs, args, lr_span=(0, span), grouping=grouping, stage="group",
-                 log=log, test=per_epoch_test, assignment_lr_mult=args.assignment_lr_mult)
+                 log=log, test=per_epoch_test, assignment_lr_mult=args.assignment_lr_mult,
+                 class_assignment_lr_mult=args.class_assignment_lr_mult)
     grouped = score(model, test_set, args)
     result["grouped"] = {**grouped, "history": hist, "seconds": time.perf_counter() - tg}
+    if grouping.class_start is not None:  # where --assign-init classifier started the class groups
+        result["grouped"]["class_start"] = {
+            "nmi": semantic_quality(grouping.class_start, CIFAR100_COARSE, num_random=1)["nmi"],
+            "classes_moved": sum(a != b for a, b in zip(grouping.class_start,
+                                                        model.assignments.probs("classes").argmax(0).tolist()))}
+        log(f"class groups started from the warm-up's classifier (NMI {result['grouped']['class_start']['nmi']:.3f}); "
+            f"grouping moved {result['grouped']['class_start']['classes_moved']} of {len(grouping.class_start)}")
     log(f"grouped dense model: top-1 {grouped['top1']:.4f}")
 
     # -- cut -----------------------------------------------------------------------------------------

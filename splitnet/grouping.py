@@ -75,6 +75,15 @@ class GroupingSchedule:
             return 0.0
         return min(1.0, (step - hold_end) / max(end - hold_end, 1))
 
+    def assign_start(self, total: int) -> int:
+        """The first step of the assign phase (0 for ``reference``)."""
+        step = min(int(math.ceil(self.warmup * total)), total) if self.method == "staged" else 0
+        while step > 0 and self.phase(step - 1, total) != "warmup":
+            step -= 1
+        while step < total and self.phase(step, total) == "warmup":
+            step += 1
+        return step
+
     def phase(self, step: int, total: int) -> str:
         """``warmup``, ``assign`` or ``sparsify`` for global step ``step`` of ``total``."""
         if self.method == "reference":
@@ -257,14 +266,23 @@ class Grouping:
     ``min_channels_per_group``: the cut's minimum-size rule, applied to the hard assignment the
     sparsify phase fixes (so the cut later finds the same one). The state is the model's
     parameters: on resume the same hard assignment is recomputed from the (frozen) assignments.
+
+    ``classifier_init_margin``: at the first step of the assign phase, start the class groups from
+    the classifier as the warm-up left it (:func:`classifier_class_groups`,
+    :func:`init_class_assignment_` with this margin): ``assign_init: classifier`` for a grouping
+    from scratch. ``class_start`` then holds those groups. A resume past that step finds them in the
+    checkpointed assignments and does not apply them again.
     """
 
     def __init__(self, model: SplitModel, weights: RegularizerWeights, schedule: GroupingSchedule, total_steps: int,
-                 min_classes_per_group: int = 1, min_channels_per_group: int = 1):
+                 min_classes_per_group: int = 1, min_channels_per_group: int = 1,
+                 classifier_init_margin: float | None = None):
         self.model, self.weights, self.schedule, self.total = model, weights, schedule, total_steps
         self.minimum = (min_classes_per_group, min_channels_per_group)
         self.prox: BlockProx | None = None
         self.hard = None
+        self.classifier_init_margin = classifier_init_margin
+        self.class_start: list[int] | None = None
 
     def phase(self, step: int) -> str:
         return self.schedule.phase(step, self.total)
@@ -276,6 +294,13 @@ class Grouping:
             if phase == "sparsify":
                 self._fix_hard()
             return None, {}
+        if self.classifier_init_margin is not None and self.class_start is None \
+                and step == self.schedule.assign_start(self.total):
+            from .models.base import CLASSES
+
+            labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
+            init_class_assignment_(self.model, labels, self.classifier_init_margin)
+            self.class_start = labels.tolist()
         terms = regularizer_terms(self.model)
         w = self.weights
         disjoint = w.disjoint * self.schedule.disjoint_factor(step, self.total)

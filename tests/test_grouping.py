@@ -231,3 +231,38 @@ def test_class_assignment_init_leans_the_classes_and_the_class_matrix_has_its_ow
     assert [p is model.assignments.logit(CLASSES) for p in groups["class_assignment"]["params"]] == [True]
     assert groups["class_assignment"]["lr"] == pytest.approx(0.6) and groups["assignments"]["lr"] == pytest.approx(60)
     assert all(p is not model.assignments.logit(CLASSES) for p in groups["assignments"]["params"])
+
+
+def test_classifier_init_at_the_end_of_the_warm_up():
+    """Grouping from scratch with the classifier init: the class logits are untouched through the
+    warm-up, leaned towards the classifier's split at the first assign step, and not again after."""
+    from splitnet.grouping import classifier_class_groups
+    from splitnet.models import CLASSES
+
+    torch.manual_seed(0)
+    model = build_model("wrn-10-1", 12, "2-2-2")
+    schedule = GroupingSchedule("staged", warmup=0.3, sparsify=0.2)
+    total = 10
+    start = schedule.assign_start(total)
+    assert start == 3 and schedule.phase(start - 1, total) == "warmup" and schedule.phase(start, total) == "assign"
+    assert GroupingSchedule("reference").assign_start(total) == 0 and GroupingSchedule("staged", warmup=0).assign_start(7) == 0
+    grouping = Grouping(model, RegularizerWeights(), schedule, total, classifier_init_margin=2.0)
+    weight, _ = _signed_clusters(2, 6, features=model.fc.in_features)
+    logits = model.assignments.logit(CLASSES)
+    before = logits.detach().clone()
+    for step in range(start):
+        assert grouping.loss(step)[0] is None
+    assert torch.equal(logits, before) and grouping.class_start is None
+    with torch.no_grad():
+        model.fc.weight.copy_(weight)  # what the warm-up trained
+    grouping.loss(start)
+    labels = classifier_class_groups(weight, 2)
+    assert grouping.class_start == labels.tolist()
+    assert torch.equal(model.assignments.probs(CLASSES).argmax(0), labels)
+    leaned = logits.detach().clone()
+    grouping.loss(start + 1)
+    assert torch.equal(logits, leaned)
+    # a grouping resumed past that step (a new Grouping, the logits from the checkpoint) does not apply it again
+    resumed = Grouping(model, RegularizerWeights(), schedule, total, classifier_init_margin=2.0)
+    resumed.loss(start + 2)
+    assert torch.equal(logits, leaned) and resumed.class_start is None

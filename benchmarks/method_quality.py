@@ -3,7 +3,8 @@
 Runs, in one process on the CPU (plain PyTorch, the data in memory, bf16 autocast + channels-last):
 
 * **dense baseline**: the dense model, ``--epochs`` epochs, one cosine schedule;
-* **SplitNet**: grouping (``--group-epochs``, ``--method``) -> cut -> finetune the tree
+* **SplitNet**: grouping (``--group-epochs``, ``--method``; the class groups start from the classifier
+  the warm-up trained, ``--assign-init classifier``, and learn at ``--class-assignment-lr-mult``) -> cut -> finetune the tree
   (``--epochs - --group-epochs``), the same total epochs, the learning rate on one cosine over
   both stages (``--schedule joint``; ``restart`` starts the finetune's own cosine at ``--lr``).
 
@@ -13,8 +14,8 @@ energy fraction of every split layer at the cut (and per grouping epoch); NMI an
 class groups vs the 20 CIFAR-100 superclasses with random balanced groups (mean +- sd); the group
 sizes and how many members ``cut()`` had to move. Targets (issue 11) are checked at the end.
 
-    python benchmarks/method_quality.py                                  # WRN-16-2 2-2-2, 10 epochs (~40 min, 2 cores)
-    python benchmarks/method_quality.py --method reference --out benchmarks/results/method_quality_reference.json
+    python benchmarks/method_quality.py                                  # WRN-16-2 2-2-2, 10 epochs (~22 min, 2 idle cores)
+    python benchmarks/method_quality.py --method reference --assign-init random --out benchmarks/results/method_quality_reference.json
     python benchmarks/method_quality.py --epochs 2 --group-epochs 1 --per-class 50 --quick   # smoke
 """
 from __future__ import annotations
@@ -105,12 +106,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsify-strength", type=float, default=100.0)
     ap.add_argument("--disjoint-hold", type=float, default=0.5)
     ap.add_argument("--assignment-lr-mult", type=float, default=1000.0)
-    ap.add_argument("--assign-init", default="random", choices=("random", "classifier"),
+    ap.add_argument("--assign-init", default="classifier", choices=("random", "classifier"),
                     help="classifier: at the end of the warm-up, start the class groups from the classifier "
                          "(group.assign_init: classifier, margin --assign-init-margin)")
     ap.add_argument("--assign-init-margin", type=float, default=2.0)
-    ap.add_argument("--class-assignment-lr-mult", type=float, default=None,
-                    help="the class matrix's own rate (group.class_assignment_lr_mult); default: --assignment-lr-mult")
+    ap.add_argument("--class-assignment-lr-mult", type=float, default=10.0,
+                    help="the class matrix's own rate (group.class_assignment_lr_mult); 0: --assignment-lr-mult")
     ap.add_argument("--reg", type=float, nargs=3, default=(1.0, 1.0, 10.0), metavar=("G1", "G2", "G3"))
     ap.add_argument("--schedule", default="joint", choices=("joint", "restart"))
     ap.add_argument("--lr", type=float, default=0.1)
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
     span = args.group_epochs / args.epochs if args.schedule == "joint" else 1.0
     hist = train(model, train_set, args.group_epochs, args, lr_span=(0, span), grouping=grouping, stage="group",
                  log=log, test=per_epoch_test, assignment_lr_mult=args.assignment_lr_mult,
-                 class_assignment_lr_mult=args.class_assignment_lr_mult)
+                 class_assignment_lr_mult=args.class_assignment_lr_mult or None)
     grouped = score(model, test_set, args)
     result["grouped"] = {**grouped, "history": hist, "seconds": time.perf_counter() - tg}
     if grouping.class_start is not None:  # where --assign-init classifier started the class groups

@@ -282,6 +282,7 @@ class Grouping:
         self.prox: BlockProx | None = None
         self.hard = None
         self.classifier_init_margin = classifier_init_margin
+        self._class_init_step = schedule.assign_start(total_steps) if classifier_init_margin is not None else None
         self.class_start: list[int] | None = None
 
     def phase(self, step: int) -> str:
@@ -294,8 +295,7 @@ class Grouping:
             if phase == "sparsify":
                 self._fix_hard()
             return None, {}
-        if self.classifier_init_margin is not None and self.class_start is None \
-                and step == self.schedule.assign_start(self.total):
+        if step == self._class_init_step and self.class_start is None:
             from .models.base import CLASSES
 
             labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))

@@ -114,7 +114,9 @@ class GroupStageConfig(StageConfig):
     class_assignment_lr_mult: float = 0.0
     # where the class groups start: random (the paper: logits ~ N(0, 0.01^2)) or classifier (from
     # the dense model's classifier: classes whose weight vectors agree share a group, a lean of
-    # assign_init_margin on the logits; needs init baseline or pretrained). splitnet/grouping.py
+    # assign_init_margin on the logits). With init baseline or pretrained it is applied before the
+    # first step; with init scratch at the end of the warm-up, from the classifier the warm-up
+    # trained (method staged, warmup > 0). splitnet/grouping.py
     assign_init: str = "random"
     assign_init_margin: float = 2.0
     split_lr_mult: float = 1.0
@@ -391,9 +393,11 @@ def validate(cfg: PipelineConfig) -> None:
     _positive("group.assign_init_margin", g.assign_init_margin)
     if g.assign_init not in ("random", "classifier"):
         raise ConfigError(f"group.assign_init: {g.assign_init!r}; use random or classifier")
-    if g.assign_init == "classifier" and g.init == "scratch":
-        raise ConfigError("group.assign_init: classifier needs a trained classifier to start from; "
-                          "set group.init to baseline or pretrained, or group.assign_init to random")
+    if g.assign_init == "classifier" and g.init == "scratch" and (g.method != "staged" or g.warmup <= 0):
+        # from scratch the classifier the warm-up trained is the start (at the first assign step)
+        raise ConfigError("group.assign_init: classifier with group.init: scratch starts from the classifier the "
+                          "warm-up trained; it needs group.method: staged with group.warmup > 0 (or group.init: "
+                          "baseline / pretrained, or group.assign_init: random)")
     if cfg.group.init == "baseline" and not cfg.baseline.enabled:
         raise ConfigError("group.init: baseline, but baseline.enabled is false")
     if cfg.group.init == "pretrained" and not cfg.model.pretrained:

@@ -65,17 +65,23 @@ def _wordnet_categories(class_names: list[str]) -> list[str] | None:
         return None
 
 
-def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents) -> dict:
-    """Where ``group.assign_init: classifier`` started the class groups (recomputed from the
-    baseline's classifier: deterministic), and how many classes the grouping moved away."""
+def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents, recorded: list[int] | None = None) -> dict:
+    """Where ``group.assign_init: classifier`` started the class groups, and how many classes the
+    grouping moved away. ``recorded``: the groups a grouping from scratch started from at the end of
+    its warm-up (the stage's ``class_start``); otherwise recomputed from the baseline's classifier
+    (deterministic)."""
     from splitnet.grouping import classifier_class_groups
 
     from .stages import load_state_file
 
-    with rd.local_copy("baseline") as d:
-        fc = load_state_file(Path(d) / "model.safetensors")["fc.weight"]
-    start = classifier_class_groups(fc, max(class_to_group) + 1).tolist()
-    out = {"assign_init": "classifier", "classes_moved": sum(a != b for a, b in zip(start, class_to_group))}
+    if recorded is not None:
+        start, source = list(recorded), "warm-up"
+    else:
+        with rd.local_copy("baseline") as d:
+            fc = load_state_file(Path(d) / "model.safetensors")["fc.weight"]
+        start, source = classifier_class_groups(fc, max(class_to_group) + 1).tolist(), "baseline"
+    out = {"assign_init": "classifier", "from": source,
+           "classes_moved": sum(a != b for a, b in zip(start, class_to_group))}
     at_start = _semantic(start, parents)
     if at_start:
         out["nmi"] = at_start["nmi"]
@@ -133,8 +139,10 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
     categories = _wordnet_categories(manifest["class_names"])
     if categories is not None:  # ImageNet-style wnids: thousands of parents, ~26 coarse categories
         semantic = {**(semantic or {}), "vs_wordnet_category": semantic_quality(manifest["class_to_group"], categories)}
-    if cfg.group.assign_init == "classifier" and cfg.group.init == "baseline":
-        semantic = {**(semantic or {}), "start": _class_groups_at_start(rd, manifest["class_to_group"], info.parents)}
+    recorded = ((state["stages"].get("group") or {}).get("result") or {}).get("class_start")
+    if cfg.group.assign_init == "classifier" and (cfg.group.init == "baseline" or recorded is not None):
+        semantic = {**(semantic or {}), "start": _class_groups_at_start(rd, manifest["class_to_group"], info.parents,
+                                                                        recorded)}
     stages = {k: {"seconds": v.get("seconds"), **({"history": v["result"].get("history")} if isinstance(v.get("result"), dict)
                                                    and "history" in v["result"] else {})}
               for k, v in state["stages"].items()}
@@ -226,7 +234,8 @@ def summary(r: dict) -> str:
                      f"NMI {ref['nmi']:.3f} against {ref['random_nmi_mean']:.3f} ± {ref['random_nmi_std']:.3f} for random groups.")
     start = (r["semantic"] or {}).get("start")
     if start:
-        parts.append(f"They started from the dense baseline's classifier (group.assign_init: classifier"
+        where = "the classifier the warm-up trained" if start.get("from") == "warm-up" else "the dense baseline's classifier"
+        parts.append(f"They started from {where} (group.assign_init: classifier"
                      + (f", NMI {start['nmi']:.3f}" if "nmi" in start else "")
                      + f"); grouping moved {start['classes_moved']} of {r['data']['classes']} classes.")
     known = {k: v for k, v in ch.items() if v["ok"] is not None}

@@ -132,7 +132,7 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
                 model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
         elif init == "pretrained":
             skipped = model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
-        if cfg.group.assign_init == "classifier":
+        if cfg.group.assign_init == "classifier" and init != "scratch":  # from scratch: at the warm-up's end (Grouping)
             if any(key.startswith("fc.") for key in skipped):
                 raise ValueError("group.assign_init: classifier, but the pretrained weights have another number of "
                                  "classes (their classifier was not loaded); use assign_init: random")
@@ -325,7 +325,11 @@ def train_loop(config: dict) -> None:
         grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance),
                             GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold),
                             total_steps=st.epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
-                            min_channels_per_group=cfg.cut.min_channels_per_group)
+                            min_channels_per_group=cfg.cut.min_channels_per_group,
+                            classifier_init_margin=(g.assign_init_margin if g.assign_init == "classifier"
+                                                    and g.init == "scratch" else None))
+        if progress.get("class_start") is not None:  # resumed past the start: the checkpoint holds it
+            grouping.class_start = progress["class_start"]
     ddp = _ddp(model) if world > 1 else model
     if cfg.scaling.compile:  # the training forward only; evaluation and the regularizers stay eager
         ddp = CompiledForward(ddp, warn=(lambda m: say(f"[{stage}] {m}")) if rank == 0 else (lambda m: None))
@@ -356,6 +360,8 @@ def train_loop(config: dict) -> None:
             g["lr"] = g["base_lr"] * factor
 
     def after_step(i: int) -> None:
+        if grouping is not None and grouping.class_start is not None:
+            progress["class_start"] = grouping.class_start  # where the warm-up's classifier started the classes
         progress["global_step"] += 1
         progress["step_in_epoch"] += 1
         every = st.checkpoint_every_steps
@@ -423,8 +429,12 @@ def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, prog
 
 
 def _write_result(directory: Path, progress: dict) -> None:
-    """``result.json``: what the driver records for the stage (history, resumptions, workers)."""
-    (directory / "result.json").write_text(json.dumps({k: progress.get(k, []) for k in ("history", "resumed", "workers")}))
+    """``result.json``: what the driver records for the stage (history, resumptions, workers; the class
+    groups the warm-up's classifier started, ``class_start``, when a grouping from scratch used it)."""
+    result = {k: progress.get(k, []) for k in ("history", "resumed", "workers")}
+    if progress.get("class_start") is not None:
+        result["class_start"] = progress["class_start"]
+    (directory / "result.json").write_text(json.dumps(result))
 
 
 # ---- evaluation ---------------------------------------------------------------------------

@@ -298,7 +298,13 @@ class Grouping:
         if step == self._class_init_step and self.class_start is None:
             from .models.base import CLASSES
 
+            import torch.distributed as dist
+
             labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                labels = labels.to(self.model.fc.weight.device)  # every worker starts from rank 0's split
+                dist.broadcast(labels, src=0)
+                labels = labels.cpu()
             init_class_assignment_(self.model, labels, self.classifier_init_margin)
             self.class_start = labels.tolist()
         terms = regularizer_terms(self.model)

@@ -68,7 +68,10 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["group.schedule=step"], "group.milestones"),
     (["data=3"], "data: expected a mapping"),
     (["group.epochs"], "expected key=value"),
-    (["group.assign_init=classifier", "group.init=scratch"], "group.assign_init: classifier needs a trained classifier"),
+    (["group.assign_init=classifier", "group.init=scratch", "group.warmup=0"],
+     "group.assign_init: classifier with group.init: scratch starts from the classifier the warm-up trained"),
+    (["group.assign_init=classifier", "group.init=scratch", "group.method=reference"],
+     "it needs group.method: staged with group.warmup > 0"),
     (["group.assign_init=kmeans"], "group.assign_init: 'kmeans'; use random or classifier"),
     (["group.class_assignment_lr_mult=-1"], "group.class_assignment_lr_mult"),
 ])
@@ -77,6 +80,12 @@ def test_bad_values_name_the_key(overrides, fragment):
         load_config(ROOT / "pipelines/configs/demo.yaml", overrides)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_classifier_init_from_scratch_is_accepted_when_a_warm_up_trains_the_classifier():
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", ["group.assign_init=classifier", "group.init=scratch",
+                                                            "group.method=staged", "group.warmup=0.25"])
+    assert (cfg.group.assign_init, cfg.group.init) == ("classifier", "scratch")
 
 
 def test_differences_lists_dotted_keys():

@@ -91,9 +91,10 @@ def _train_worker_pids() -> list[int]:
     return sorted(pid for pid, c in cmd.items() if "RayTrainWorker" in c and under_raylet(pid))
 
 
-def _assert_complete_run(run_dir: Path, from_baseline: bool = True) -> dict:
-    """Every stage the config has ran and wrote its outputs. ``from_baseline``: the grouping started
-    from the baseline (the demo's classifier init, which the report describes)."""
+def _assert_complete_run(run_dir: Path, class_start: str | None = "baseline") -> dict:
+    """Every stage the config has ran and wrote its outputs. ``class_start``: where
+    ``group.assign_init: classifier`` started the class groups, which the report describes
+    (``baseline``: the demo's; ``warm-up``: a grouping from scratch; None: random init)."""
     from splitnet.artifacts import load_tree
 
     state = json.loads((run_dir / "state.json").read_text())
@@ -110,10 +111,14 @@ def _assert_complete_run(run_dir: Path, from_baseline: bool = True) -> dict:
     for key in ("grouped", "cut", "tree"):
         assert 0 <= report["models"][key]["top1"] <= 1 and report["models"][key]["images"] > 0
     assert report["semantic"]["num_groups"] == 2 and 0 <= report["semantic"]["purity"] <= 1
-    if from_baseline:  # the demo starts its class groups from the baseline's classifier; the report says so
+    if class_start:  # the class groups started from a classifier; the report says which and how far they moved
         start = report["semantic"]["start"]
-        assert start["assign_init"] == "classifier" and 0 <= start["classes_moved"] <= 20 and 0 <= start["nmi"] <= 1
-        assert "started from the dense baseline's classifier" in (run_dir / "report.md").read_text()
+        assert start["assign_init"] == "classifier" and start["from"] == class_start
+        assert 0 <= start["classes_moved"] <= 20 and 0 <= start["nmi"] <= 1
+        where = {"baseline": "the dense baseline's classifier", "warm-up": "the classifier the warm-up trained"}
+        assert f"started from {where[class_start]}" in (run_dir / "report.md").read_text()
+    else:
+        assert "start" not in report["semantic"]
     md = (run_dir / "report.md").read_text()
     assert "| tree finetuned" in md and "Reduction of the tree" in md and "NMI" in md and "## Checks" in md
     # the method's own verdict: what the cut dropped, per split layer, and the grouping epoch by epoch
@@ -185,11 +190,14 @@ def _cli_env(**extra) -> dict:
 def test_interrupted_driver_resumes_on_rerun(ray_cluster, tiny_cifar, tmp_path):
     """Ctrl-C during grouping, then the same command again: the finished stage (prepare) is not
     redone and the interrupted one continues from its last checkpoint. (No baseline: one Ray Train
-    start-up less; the in-process re-run of the killed-worker test skips finished training stages.)"""
+    start-up less; the in-process re-run of the killed-worker test skips finished training stages.)
+    The grouping from scratch starts its class groups from the classifier its warm-up trained
+    (``assign_init: classifier``, at step 3 of 12, in both workers): where they started survives
+    the interruption and reaches the report."""
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
             *tiny(run_dir, tiny_cifar, group__epochs=3, baseline__enabled="false", group__init="scratch",
-                  group__assign_init="random")]
+                  group__assign_init="classifier", group__warmup=0.25)]
     env = _cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -212,8 +220,10 @@ def test_interrupted_driver_resumes_on_rerun(ray_cluster, tiny_cifar, tmp_path):
     out = second.stdout + second.stderr
     assert "parquet shards" not in out  # the shards of the first run are read, not written again
     assert "[group] resuming from the checkpoint at epoch" in out
-    state = _assert_complete_run(run_dir, from_baseline=False)
-    assert state["stages"]["group"]["result"]["resumed"][0]["epoch"] >= 1
+    state = _assert_complete_run(run_dir, class_start="warm-up")
+    group = state["stages"]["group"]["result"]
+    assert group["resumed"][0]["epoch"] >= 1
+    assert sorted(set(group["class_start"])) == [0, 1] and len(group["class_start"]) == 20
     assert [h["epoch"] for h in state["stages"]["group"]["result"]["history"]] == [1, 2, 3]
     assert "[group] epoch 3/3" in out and "| disjoint" in out  # the progress lines reach the driver
 

@@ -339,10 +339,12 @@ class Grouping:
             self.prox.project()
 
     def off_block_energy(self) -> dict[str, float]:
-        """Off-block energy per split layer under the current hard assignment (fixed while sparsifying)."""
+        """Off-block energy per split layer under the current hard assignment (fixed while sparsifying).
+        Before the sparsify phase fixes it, the argmax is taken quietly: this is a measurement, and
+        the minimum-size moves it would need are not made (the sparsify phase and the cut log theirs)."""
         from .tree import hard_assignment
 
-        hard = self.hard if self.hard is not None else hard_assignment(self.model, *self.minimum)
+        hard = self.hard if self.hard is not None else hard_assignment(self.model, *self.minimum, quiet=True)
         return off_block_energy(self.model, hard)
 
 

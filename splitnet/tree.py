@@ -119,8 +119,12 @@ def enforce_minimum(q: torch.Tensor, labels: torch.Tensor, minimum: int, name: s
 
 
 @torch.no_grad()
-def hard_assignment(model: SplitModel, min_classes_per_group: int = 1, min_channels_per_group: int = 1) -> HardAssignment:
-    """Argmax of every learned assignment, with the minimum-size rule applied (moves are logged)."""
+def hard_assignment(model: SplitModel, min_classes_per_group: int = 1, min_channels_per_group: int = 1, *,
+                    quiet: bool = False) -> HardAssignment:
+    """Argmax of every learned assignment, with the minimum-size rule applied (moves are logged).
+
+    quiet: log nothing (a measurement during grouping, e.g. the per-epoch off-block energy, where
+    no member is moved for good; the moves are still in the result)."""
     graph = model.split_graph()
     labels, groups, moves = {}, {}, []
     for name, q in model.assignments.learned():
@@ -129,6 +133,9 @@ def hard_assignment(model: SplitModel, min_classes_per_group: int = 1, min_chann
         lab, moved = enforce_minimum(q, q.argmax(0), minimum, name)
         labels[name], groups[name] = lab, q.shape[0]
         moves += moved
+    result = HardAssignment(labels, groups, {s.name: s.size for s in graph.sets.values()}, moves)
+    if quiet:
+        return result
     for move in moves:
         log.info("cut: moved %s[%d] from group %d to group %d (confidence %.3f) to keep groups non-empty",
                  move["set"], move["index"], move["from"], move["to"], move["confidence"])
@@ -140,7 +147,7 @@ def hard_assignment(model: SplitModel, min_classes_per_group: int = 1, min_chann
     if moves:
         log.warning("cut: %d members moved to satisfy the minimum group sizes (classes >= %d, channels >= %d)",
                     len(moves), min_classes_per_group, min_channels_per_group)
-    return HardAssignment(labels, groups, {s.name: s.size for s in graph.sets.values()}, moves)
+    return result
 
 
 def balanced_assignment(model: SplitModel) -> HardAssignment:

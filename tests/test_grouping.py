@@ -50,6 +50,25 @@ def test_off_block_energy_is_the_share_of_w2_between_groups():
     assert max(off_block_energy(model, hard).values()) == 0.0
 
 
+def test_per_epoch_energy_measures_an_empty_group_quietly_and_the_cut_still_says_it(caplog):
+    """An argmax with an empty group mid-grouping is measured, not moved: the per-epoch off-block
+    energy logs nothing (it ran every epoch, on every worker, as "cut: ... moved" lines while no
+    cut happened); fixing the groups for good, at the sparsify phase or the cut, still warns."""
+    model = randomize(build_model("wrn-10-1", 4, "2-2-2"))
+    name = next(n for n in model.assignments.names() if n != "classes")
+    with torch.no_grad():
+        logit = model.assignments.logit(name)
+        logit.zero_()
+        logit[0] = 5.0  # every channel of this set prefers group 0: group 1 is empty
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.2, 0.4), 10)
+    with caplog.at_level("INFO", logger="splitnet"):
+        energy = grouping.off_block_energy()
+        assert set(energy) == {layer.name for layer in model.split_layers()}
+        assert caplog.records == []
+        assert hard_assignment(model, quiet=True).moves == hard_assignment(model).moves != []
+        assert any("1 members moved" in r.getMessage() for r in caplog.records)  # the second, loud call
+
+
 def _row_segments(w, gin, gout):
     """Norm of every input's off-block row segment (its weights to the other group's outputs): [Din]."""
     e = w.detach().pow(2)

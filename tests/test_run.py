@@ -309,23 +309,34 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
 
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     # every port of its own: the test session's cluster already holds Ray's defaults (e.g. the
-    # dashboard agent's 52365), and a head whose job agent cannot bind never accepts a job
+    # dashboard agent's 52365), and a head whose job agent cannot bind never accepts a job; a
+    # `--block` head whose Ray client server cannot bind 10001 stops all its processes a second
+    # after it started; and its workers take ports from a range the session's cluster does not use
     ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                      "metrics-export-port", "runtime-env-agent-port",
-                                                     "node-manager-port", "object-manager-port")]
+                                                     "node-manager-port", "object-manager-port",
+                                                     "ray-client-server-port")]
+    ports += ["--min-worker-port=20002", "--max-worker-port=29999"]
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
                              "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
                              f"--temp-dir={temp_dir}", *ports],
                             cwd=tmp_path, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     run_dir = tmp_path / "run"
+
+    def head_alive() -> bool:  # a head that stopped says which of its processes exited and why
+        if head.poll() is None:
+            return True
+        raise AssertionError(f"`ray start --head` exited ({head.returncode}):\n"
+                             + (tmp_path / "head.log").read_text(errors="replace")[-4000:])
+
     try:
         job_env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
 
         def dashboard_up():
             return subprocess.run([str(ray_bin), "job", "list"], env=job_env, capture_output=True).returncode == 0
 
-        _wait_for(dashboard_up, "the head's job server", timeout=180, alive=lambda: head.poll() is None)
+        _wait_for(dashboard_up, "the head's job server", timeout=180, alive=head_alive)
         overrides = tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch", group__assign_init="random",
                          group__epochs=1)
         job_id = f"splitnet-test-{os.getpid()}"
@@ -337,12 +348,13 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
             assert r.returncode == 0 or "No available agent" in r.stderr, r.stderr[-2000:]
             return r.returncode == 0
 
-        _wait_for(submitted, "the job to be accepted", timeout=300, alive=lambda: head.poll() is None)
+        _wait_for(submitted, "the job to be accepted", timeout=300, alive=head_alive)
         logs = subprocess.run([str(ray_bin), "job", "logs", "--follow", job_id], env=job_env, capture_output=True,
                               text=True, timeout=900)
         status = subprocess.run([str(ray_bin), "job", "status", job_id], env=job_env, capture_output=True, text=True,
                                 timeout=60)
-        assert "succeeded" in (status.stdout + status.stderr).lower(), logs.stdout[-3000:] + status.stdout + status.stderr
+        assert "succeeded" in (status.stdout + status.stderr).lower() and head_alive(), \
+            logs.stdout[-3000:] + status.stdout + status.stderr
         # the job joined the cluster instead of starting its own (the header says which)
         assert "; Ray cluster " in logs.stdout and "; a local Ray" not in logs.stdout, logs.stdout[:2000]
         assert "[finetune] epoch 1/1" in logs.stdout and "done in" in logs.stdout

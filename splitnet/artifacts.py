@@ -196,6 +196,12 @@ def load_subtree(directory: str | os.PathLike, g: int, device: str | torch.devic
     return sub, manifest["subtrees"][g]
 
 
+def subtree_inputs(manifest: dict) -> list[list[int] | None]:
+    """For every subtree, the trunk channels it reads, in its order (None: all of them), from the
+    manifest alone: what an ingress slices the trunk's features with before sending them."""
+    return [None if sub.input_index is None else sub.input_index.tolist() for sub in _skeleton(manifest).subtrees]
+
+
 def load_trunk(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load the trunk alone: returns (module, manifest)."""
     directory = Path(directory)

@@ -210,9 +210,19 @@ class SubtreeNode(nn.Module):
             self.fc = fc
         self.register_buffer("classes", classes.clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_index is not None:
-            x = x.index_select(1, self.input_index)
+    @property
+    def input_channels(self) -> int | None:
+        """How many of the parent's channels this node reads (None: all of them, in order)."""
+        return None if self.input_index is None else int(self.input_index.numel())
+
+    def select_inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """Its channels of the parent's output, in its order: what ``forward(..., inputs_selected=True)`` takes.
+        A server that sends a subtree only these moves a fraction of the trunk's features."""
+        return features if self.input_index is None else features.index_select(1, self.input_index)
+
+    def forward(self, x: torch.Tensor, inputs_selected: bool = False) -> torch.Tensor:
+        if not inputs_selected:
+            x = self.select_inputs(x)
         x = self.blocks(x)
         if self.branches is not None:
             return torch.cat([branch(x) for branch in self.branches], dim=1)

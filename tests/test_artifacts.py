@@ -4,7 +4,8 @@ import yaml
 
 from splitnet import build_model, cut
 from splitnet.accounting import model_cost
-from splitnet.artifacts import ArtifactError, load_subtree, load_tree, load_trunk, read_manifest, sha256_file
+from splitnet.artifacts import (ArtifactError, load_subtree, load_tree, load_trunk, read_manifest, sha256_file,
+                                subtree_inputs)
 
 from conftest import randomize
 
@@ -54,6 +55,22 @@ def test_load_tree_and_subtree_reproduce_logits(saved):
             sub, entry = load_subtree(directory, g)
             assert torch.equal(sub(features), tree.forward_subtree(g, features))
             assert entry["classes"] == tree.subtrees[g].classes.tolist()
+
+
+def test_a_subtree_sent_only_its_channels_answers_the_same(saved):
+    """What the serving ingress does: the manifest alone says which trunk channels each subtree
+    reads; a subtree given just those (``inputs_selected=True``) returns the same logits."""
+    tree, _, directory = saved
+    inputs = subtree_inputs(read_manifest(directory))
+    features = tree.trunk(torch.randn(3, 3, 32, 32)).detach()
+    for g, index in enumerate(inputs):
+        sub, _ = load_subtree(directory, g)
+        assert index == tree.subtrees[g].input_index.tolist() and len(index) < features.shape[1]
+        assert sub.input_channels == len(index)
+        with torch.no_grad():
+            sliced = features[:, index]
+            assert torch.equal(sub(sliced, inputs_selected=True), tree.forward_subtree(g, features))
+            assert torch.equal(sub.select_inputs(features), sliced)
 
 
 def test_load_subtree_reads_only_its_own_file(saved):

@@ -295,6 +295,9 @@ def test_pinned_subtrees_compute_on_their_own_cores_and_answer_the_same(run_dir,
         for g in range(2):
             info = serve.get_deployment_handle(f"subtree-{g}", app_name="pinned").info.remote().result()
             assert info["cores"] == [cores[g % len(cores)]], info
+            # the ingress sent it only the trunk channels it reads
+            assert info["received_channels"] == offline.subtrees[g].input_channels < offline.trunk(
+                torch.zeros(1, 3, 32, 32)).shape[1], info
     finally:
         serve.delete("pinned")
 

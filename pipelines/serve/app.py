@@ -194,6 +194,7 @@ class Subtree:
         self.served = 0  # requests answered by this replica
         local = fetch_tree(tree, [f"subtree-{index}.safetensors"])
         self.module, self.entry = load_subtree(local, index, self.device)
+        self.received_channels: int | None = None  # channels of the last features the ingress sent
         self.requests = Counter("splitnet_subtree_requests", description="requests answered by a subtree",
                                 tag_keys=("subtree",))
         self.images = Counter("splitnet_subtree_images", description="images scored by a subtree", tag_keys=("subtree",))
@@ -220,15 +221,21 @@ class Subtree:
 
     @torch.inference_mode()
     def _forward(self, features: np.ndarray) -> np.ndarray:
+        """Its channels of the trunk's features (the ingress selects them) -> logits."""
         self.ran_on = pin_thread(self.cores)
+        expected = self.module.input_channels
+        if expected is not None and features.shape[1] != expected:
+            raise ValueError(f"{self.name} reads {expected} trunk channels, got features with {features.shape[1]}")
+        self.received_channels = int(features.shape[1])
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
         with _autocast(self.device, self.amp):
-            return self.module(x).float().cpu().numpy()
+            return self.module(x, inputs_selected=True).float().cpu().numpy()
 
     def info(self) -> dict:
         """Who answers: for health probes and for tests that check which replica survived what."""
         return {"subtree": self.name, "pid": os.getpid(), "device": str(self.device),
-                "classes": len(self.entry["classes"]), "requests_served": self.served, "cores": self.ran_on}
+                "classes": len(self.entry["classes"]), "requests_served": self.served, "cores": self.ran_on,
+                "received_channels": self.received_channels}
 
 
 # -- the ingress ---------------------------------------------------------------------------------
@@ -293,6 +300,8 @@ class TreeIngress:
                  cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
 
+        from splitnet.artifacts import subtree_inputs
+
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
         cores = check_cores(cpu_cores)  # pinned: the trunk (or the whole model) on all of them
@@ -315,6 +324,10 @@ class TreeIngress:
         self.size = int(m["input_size"])
         self.mean, self.std = info.get("mean", (0.5, 0.5, 0.5)), info.get("std", (0.25, 0.25, 0.25))
         self.model = _Model(mode, local, m, self.device, amp, dense_weights, cores)
+        # each subtree is sent only the trunk channels it reads (half of them at a 2-way split):
+        # half the bytes serialized and moved per call (benchmarks/serve_latency.py)
+        self.subtree_inputs = ([None if ix is None else np.asarray(ix, dtype=np.int64) for ix in subtree_inputs(m)]
+                               if mode == "fanout" else [])
         # _by_reference=False: trunk -> subtree calls go replica to replica over gRPC instead of
         # through Ray's actor-task path and object store (the features of one image are ~128 KB,
         # over Ray's inline limit). Measured on 2 CPUs: p50 at concurrency 1 25.2 -> 19.6 ms,
@@ -445,7 +458,7 @@ class TreeIngress:
         needed = (sorted(set(self.class_to_subtree[wanted].tolist())) if wanted is not None
                   else list(range(len(self.subtree_classes))))
         if self.mode == "fanout":
-            parts = await asyncio.gather(*(self._call_subtree(g, out) for g in needed))
+            parts = await asyncio.gather(*(self._call_subtree(g, self._inputs_of(g, out)) for g in needed))
             classes = np.concatenate([self.subtree_classes[g] for g in needed])
             logits = np.concatenate(parts, axis=1)
         else:  # the whole tree / the dense model ran in-process: logits of every class, class order
@@ -485,6 +498,11 @@ class TreeIngress:
         sizes = [len(x) for x in xs]
         out = await asyncio.to_thread(self.model.forward, torch.cat(xs) if len(xs) > 1 else xs[0])
         return np.split(out, np.cumsum(sizes)[:-1])
+
+    def _inputs_of(self, g: int, features: np.ndarray) -> np.ndarray:
+        """The trunk channels subtree ``g`` reads, contiguous, in its order."""
+        index = self.subtree_inputs[g]
+        return features if index is None else np.take(features, index, axis=1)
 
     async def _call_subtree(self, g: int, features: np.ndarray) -> np.ndarray:
         """Logits of subtree ``g``. A replica that dies mid-request is retried on another one; when

@@ -301,42 +301,71 @@ def _free_port() -> int:
 def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
     """`ray start --head`, then `ray job submit --working-dir . -- splitnet run ...` as the README says."""
     ray_bin = Path(sys.executable).parent / "ray"
-    port, dash = _free_port(), _free_port()
     # the cluster's processes see this environment's `splitnet` on PATH, as on a user's cluster image
     env = _cli_env(RAY_AUTH_MODE="token", PATH=f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
+    import shutil
     import tempfile
 
-    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    # every port of its own: the test session's cluster already holds Ray's defaults (e.g. the
-    # dashboard agent's 52365), and a head whose job agent cannot bind never accepts a job; a
-    # `--block` head whose Ray client server cannot bind 10001 stops all its processes a second
-    # after it started; and its workers take ports from a range the session's cluster does not use
-    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port",
-                                                     "node-manager-port", "object-manager-port",
-                                                     "ray-client-server-port")]
-    ports += ["--min-worker-port=20002", "--max-worker-port=29999"]
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-                             "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
-                             f"--temp-dir={temp_dir}", *ports],
-                            cwd=tmp_path, env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    def start_head(attempt: int):
+        """`ray start --head --block` on ports of its own: the test session's cluster already holds
+        Ray's defaults (e.g. the dashboard agent's 52365), and a head whose job agent cannot bind
+        never accepts a job; a `--block` head whose Ray client server cannot bind 10001 (the
+        two-node test's head held it) stops all its processes a second after it started; its
+        workers take ports from a range the session's cluster does not use."""
+        temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+        port, dash = _free_port(), _free_port()
+        ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                         "metrics-export-port", "runtime-env-agent-port",
+                                                         "node-manager-port", "object-manager-port",
+                                                         "ray-client-server-port")]
+        ports += ["--min-worker-port=20002", "--max-worker-port=29999"]
+        log = tmp_path / f"head{attempt}.log"
+        head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
+                                 "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+                                 f"--temp-dir={temp_dir}", *ports],
+                                cwd=tmp_path, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        return head, log, temp_dir, {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
+
+    def stop_head(head, temp_dir):
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # --block: the head's reaper stops every process it started
+            head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
     run_dir = tmp_path / "run"
+    # A port picked free can be taken by another process before the head binds it (a race no
+    # choice of ports rules out on a busy machine): a head that stops before its job server
+    # answers is started again on new ports, at most 3 times; every log of one that stopped is
+    # in the failure.
+    stopped: list[str] = []
+    for attempt in range(3):
+        head, log, temp_dir, job_env = start_head(attempt)
+
+        def dashboard_up():
+            return subprocess.run([str(ray_bin), "job", "list"], env=job_env, capture_output=True).returncode == 0
+
+        try:
+            _wait_for(dashboard_up, "the head's job server", timeout=180, alive=lambda: head.poll() is None)
+            break
+        except AssertionError as e:
+            if head.poll() is None:  # up but never answering: no port race, nothing to retry
+                stop_head(head, temp_dir)
+                raise AssertionError(f"{e}:\n" + log.read_text(errors="replace")[-3000:]) from None
+            stopped.append(f"attempt {attempt + 1}: {e}; `ray start --head` exited ({head.poll()}):\n"
+                           + log.read_text(errors="replace")[-3000:])
+            stop_head(head, temp_dir)
+    else:
+        raise AssertionError("\n\n".join(stopped))
 
     def head_alive() -> bool:  # a head that stopped says which of its processes exited and why
         if head.poll() is None:
             return True
         raise AssertionError(f"`ray start --head` exited ({head.returncode}):\n"
-                             + (tmp_path / "head.log").read_text(errors="replace")[-4000:])
+                             + log.read_text(errors="replace")[-4000:])
 
     try:
-        job_env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
-
-        def dashboard_up():
-            return subprocess.run([str(ray_bin), "job", "list"], env=job_env, capture_output=True).returncode == 0
-
-        _wait_for(dashboard_up, "the head's job server", timeout=180, alive=head_alive)
         overrides = tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch", group__assign_init="random",
                          group__epochs=1)
         job_id = f"splitnet-test-{os.getpid()}"
@@ -359,12 +388,7 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
         assert "; Ray cluster " in logs.stdout and "; a local Ray" not in logs.stdout, logs.stdout[:2000]
         assert "[finetune] epoch 1/1" in logs.stdout and "done in" in logs.stdout
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # --block: the head's reaper stops every process it started
-            head.wait(timeout=60)
-        import shutil
-
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(head, temp_dir)
     state = json.loads((run_dir / "state.json").read_text())
     assert state["stages"]["report"]["status"] == "done"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_dir"] == str(run_dir)

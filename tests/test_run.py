@@ -310,9 +310,9 @@ def test_ray_job_submit_against_a_ray_start_cluster(tiny_cifar, tmp_path):
     def start_head(attempt: int):
         """`ray start --head --block` on ports of its own: the test session's cluster already holds
         Ray's defaults (e.g. the dashboard agent's 52365), and a head whose job agent cannot bind
-        never accepts a job; a `--block` head whose Ray client server cannot bind 10001 (the
-        two-node test's head held it) stops all its processes a second after it started; its
-        workers take ports from a range the session's cluster does not use."""
+        never accepts a job; a `--block` head whose Ray client server cannot bind its port (10001
+        by default) stops all its processes a second after it started; its workers take ports
+        from a range the session's cluster does not use."""
         temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
         port, dash = _free_port(), _free_port()
         ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",

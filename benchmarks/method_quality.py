@@ -1,6 +1,6 @@
 """Does the method deliver? SplitNet on the real CIFAR-100, against a dense baseline of the same budget.
 
-Runs, in one process on the CPU (plain PyTorch, the data in memory, bf16 autocast + channels-last):
+Runs, in one process on the CPU (plain PyTorch, the data in memory, channels-last, bf16 autocast where the CPU has native bf16):
 
 * **dense baseline**: the dense model, ``--epochs`` epochs, one cosine schedule;
 * **SplitNet**: grouping (``--group-epochs``, ``--method``; the class groups start from the classifier
@@ -39,6 +39,7 @@ from splitnet.accounting import count_weights, model_cost, tree_cost as tree_cos
 from splitnet.datasets import CIFAR100_COARSE, iterate_batches, load_cifar100  # noqa: E402
 from splitnet.grouping import Grouping, GroupingSchedule, off_block_energy  # noqa: E402
 from splitnet.metrics import semantic_quality  # noqa: E402
+from splitnet.precision import choose_precision  # noqa: E402
 from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
 from splitnet.train import evaluate, format_epoch, train_one_epoch  # noqa: E402
 from splitnet.tree import smallest_group_share  # noqa: E402
@@ -60,7 +61,7 @@ def train(model, data, epochs: int, args, *, lr_span: tuple[float, float], group
     steps_per_epoch = len(data) // args.batch
     total = epochs * steps_per_epoch
     history, step = [], 0
-    amp = torch.bfloat16 if args.amp == "bf16" else None
+    amp = choose_precision(args.amp, "cpu").dtype
     start = time.perf_counter()
     for epoch in range(epochs):
         def set_lr(i, epoch=epoch):
@@ -89,7 +90,7 @@ def train(model, data, epochs: int, args, *, lr_span: tuple[float, float], group
 
 
 def score(model, test, args) -> dict:
-    amp = torch.bfloat16 if args.amp == "bf16" else None
+    amp = choose_precision(args.amp, "cpu").dtype
     return evaluate(model, iterate_batches(test, 500, train=False), amp_dtype=amp, channels_last=True)
 
 
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--per-class", type=int, default=0, help=">0: a class-balanced subset of train (smoke runs)")
-    ap.add_argument("--amp", default="bf16", choices=("bf16", "none"))
+    ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"),
+                    help="auto: bf16 autocast where this CPU computes bf16 natively, fp32 elsewhere (splitnet.precision)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-baseline", action="store_true", help="skip the dense baseline (e.g. take it from --baseline-json)")

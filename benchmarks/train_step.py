@@ -40,6 +40,7 @@ from splitnet import build_model, cut, hard_assignment
 from splitnet.accounting import count_weights
 from splitnet.fused import FusedTree
 from splitnet.grouping import BlockProx, Grouping, GroupingSchedule
+from splitnet.precision import choose_precision
 from splitnet.profiling import count_ops
 from splitnet.regularizers import RegularizerWeights, parameter_groups, regularizer_terms, regularizer_terms_reference
 from splitnet.train import CompiledForward
@@ -124,7 +125,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="alternating timed blocks per variant")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--amp", default="none", choices=["none", "bf16"], help="torch.autocast bf16 for forward + CE")
+    ap.add_argument("--amp", default="auto", choices=["auto", "none", "bf16"],
+                    help="torch.autocast bf16 for forward + CE; auto: where the device computes bf16 natively")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format for models and inputs")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -150,7 +152,9 @@ def main(argv=None):
     family = "wrn" if args.arch.startswith("wrn") else "resnet"
     split = args.split or DEFAULT_SPLIT[family]
     device = torch.device(args.device)
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+    precision = choose_precision(args.amp, device)
+    print(precision.line() + (f"\n{precision.warning()}" if precision.warning() else ""))
+    amp_dtype = precision.dtype
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -219,7 +223,7 @@ def main(argv=None):
         "benchmark": "train_step", "target": "grouping / dense images/s >= 0.90",
         "arch": args.arch, "classes": args.classes, "split": split, "batch": args.batch, "size": args.size,
         "device": device.type, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-        "amp": args.amp, "memory_format": "channels_last" if args.channels_last else "contiguous",
+        "amp": precision.name, "precision": precision.line(), "memory_format": "channels_last" if args.channels_last else "contiguous",
         "steps_per_block": per_block, "rounds": args.rounds, "warmup": args.warmup,
         "clock": args.clock, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -235,7 +239,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{args.arch} split {split} classes {args.classes} batch {args.batch} {args.size}px {device.type}"
-          f" amp {args.amp} {result['memory_format']} ({args.rounds} rounds x {per_block} steps,"
+          f" amp {precision.name} {result['memory_format']} ({args.rounds} rounds x {per_block} steps,"
           f" {torch.get_num_threads()} threads, {'process CPU time' if args.clock == 'cpu' else 'wall clock'})")
     print(f"{'variant':9} {'img/s':>9} {'ms/step':>9} {'vs dense':>9} {'spread':>13} {'best ms':>9} {'best vs':>8} {'weights':>10}")
     for r in rows:

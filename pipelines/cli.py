@@ -107,7 +107,7 @@ def cmd_run(args) -> int:
         return 0
     from pathlib import Path
 
-    from pipelines.progress import QuietRun, verbose
+    from pipelines.progress import QuietRun, TerminalLog, verbose
     from pipelines.run import PipelineError, StageFailed, run
 
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
     quiet = None if verbose() else QuietRun(logs.absolute())
     out, err = (quiet.user_out, quiet.user_err) if quiet else (sys.stdout, sys.stderr)
     try:
-        run(cfg, log=lambda line: print(line, file=out, flush=True), logs_dir=None if verbose() else str(logs))
+        run(cfg, log=TerminalLog(out), logs_dir=None if verbose() else str(logs))
     except PipelineError as e:
         print(f"splitnet: error: {e}", file=err)
         return 2
@@ -238,7 +238,9 @@ def _add_deploy_arguments(p) -> None:
     p.add_argument("--subtree-cpus", type=float, default=0.25, help="CPUs per subtree replica")
     p.add_argument("--subtree-gpus", type=float, default=0.0, help="GPUs per subtree replica (fractions share a GPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default=None, choices=["bf16"], help="bf16 autocast on GPU replicas")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"],
+                   help="auto (default): bf16 autocast on replicas whose device computes bf16 natively (a GPU with "
+                        "bf16, a CPU with AMX), fp32 elsewhere; bf16: always; none: fp32")
     p.add_argument("--torch-threads", type=_positive_int, default=1, help="torch threads per replica")
     p.add_argument("--pin-cores", default="", metavar="0,1,...",
                    help="pin subtree G's replica to core G mod n of this list (one thread) and the trunk to all of "

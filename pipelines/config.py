@@ -45,6 +45,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=list)  # default: CIFAR-100's at 32 px, ImageNet's otherwise
     std: list[float] = field(default_factory=list)
     decode_actors: int = 1         # Ray Data decode actors per dataset
+    # small images (<= 64 px) whose decoded copy fits in a quarter of Ray's object store are decoded once
+    # per run and re-read every epoch; the training workers then pad/crop/flip. false: decode every epoch
+    cache: bool = True
     decode_cpus: float = 0.25      # CPUs per decode actor
     on_bad_record: str = "skip"    # skip | fail
     max_pixels: int = 64_000_000
@@ -67,7 +70,10 @@ class ScalingConfigSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0   # with use_gpu; fractions share a GPU
     backend: str = "auto"          # auto (nccl with GPUs, gloo without) | gloo | nccl
-    amp: str = "none"              # none | bf16 (autocast)
+    # auto: bf16 autocast where the workers' device computes bf16 natively (a CUDA GPU with bf16, a CPU
+    # with AMX), fp32 elsewhere; bf16: always (emulated, many times slower, on CPUs without it); none:
+    # fp32. The run's header says what was chosen and why (splitnet/precision.py)
+    amp: str = "auto"
     torch_threads: int = 0         # intra-op threads per worker; 0 = max(1, cpus_per_worker)
     channels_last: bool = True     # NHWC convolutions (1.4-1.6x faster training on CPU, measured; also GPU)
     compile: bool = False          # torch.compile the training forward (eager where compiling fails); docs/scaling.md
@@ -171,7 +177,7 @@ CHOICES = {
     "data.format": ("parquet", "webdataset"),
     "data.on_bad_record": ("skip", "fail"),
     "scaling.backend": ("auto", "gloo", "nccl"),
-    "scaling.amp": ("none", "bf16"),
+    "scaling.amp": ("auto", "bf16", "none"),
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "group.init": ("scratch", "baseline", "pretrained"),
     "group.method": ("staged", "reference"),

@@ -6,6 +6,11 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# every run in the tests computes in fp32, whatever this machine's CPU: `amp: auto` would pick bf16 on
+# a CPU with AMX and fp32 on one without, and a suite must not take 2x as long (or compare other
+# numbers) on one kind of runner. The precision choice itself is tested with the check injected
+# both ways (test_precision.py); subprocesses and Ray workers inherit this.
+os.environ.setdefault("SPLITNET_NATIVE_BF16", "0")
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = Path(os.environ.get("SPLITNET_CIFAR100", ROOT.parent / "shared" / "data" / "cifar100"))
 
@@ -52,7 +57,8 @@ def ray_cluster():
     RAY_PORTS.update(dashboard=free_port(), metrics=free_port())
     ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=RAY_PORTS["dashboard"], _metrics_export_port=RAY_PORTS["metrics"], log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                                       "SPLITNET_NATIVE_BF16": os.environ["SPLITNET_NATIVE_BF16"]}})
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -741,7 +741,7 @@ def test_rayservice_manifest_embeds_what_serve_config_writes(tmp_path):
     shipped = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(shipped) if hasattr(ServeDeploySchema, "model_validate") else \
         ServeDeploySchema.parse_obj(shipped)
-    opts = DeployOptions(host="0.0.0.0", trunk_cpus=4, trunk_gpus=1, subtree_cpus=2, subtree_gpus=0.5, amp="bf16",
+    opts = DeployOptions(host="0.0.0.0", trunk_cpus=4, trunk_gpus=1, subtree_cpus=2, subtree_gpus=0.5, amp="auto",
                          torch_threads=4, trunk_replicas=2, subtree_replicas={g: 2 for g in range(4)},
                          autoscale_max={g: 8 for g in range(4)})
     expected = serve_config(str(tmp_path), opts)

@@ -12,8 +12,9 @@ weights.
 use (``import_path: pipelines.serve.app:build``). ``args``: ``tree`` (a run dir or tree dir,
 local path or ``s3://``-style URI; required), ``mode`` (``fanout``, the default; ``local``: the
 whole tree in the ingress; ``dense``: a dense model from ``dense_weights`` — the last two are the
-benchmark's baselines), ``device`` (``auto``/``cpu``/``cuda``), ``amp`` (``bf16`` autocast on
-GPU), ``torch_threads``, ``cpu_cores`` (pin: subtree g on core ``cpu_cores[g mod n]`` with one
+benchmark's baselines), ``device`` (``auto``/``cpu``/``cuda``), ``amp`` (``auto``, the default:
+bf16 autocast where the replica's device computes bf16 natively, fp32 elsewhere; ``bf16``; ``none``;
+each replica resolves it on its own device, ``splitnet.precision``), ``torch_threads``, ``cpu_cores`` (pin: subtree g on core ``cpu_cores[g mod n]`` with one
 thread, the ingress on all of them). Per-request limits, batching and retries are ``user_config`` of the
 deployments: changing them re-configures running replicas without restarting them.
 """
@@ -125,9 +126,19 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _autocast(device: torch.device, amp: str | None):
-    if amp == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _precision(device: torch.device, amp: str | None):
+    """``amp`` resolved on this replica's device; a bf16 it only emulates is logged once."""
+    from splitnet.precision import choose_precision
+
+    precision = choose_precision(amp or "none", device)
+    if precision.warning():
+        log.warning("%s", precision.warning())
+    return precision
+
+
+def _autocast(device: torch.device, precision):
+    if precision.dtype is not None:
+        return torch.autocast(device.type, dtype=precision.dtype)
     return torch.autocast("cpu", enabled=False)
 
 
@@ -178,7 +189,7 @@ class Subtree:
     Requests are batched (``@serve.batch``, counted in images). Each replica reads the manifest and
     ``subtree-<index>.safetensors`` only."""
 
-    def __init__(self, tree: str, index: int, device: str = "auto", amp: str | None = None, torch_threads: int = 1,
+    def __init__(self, tree: str, index: int, device: str = "auto", amp: str | None = "auto", torch_threads: int = 1,
                  cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
 
@@ -190,7 +201,8 @@ class Subtree:
         torch.set_num_threads(len(self.cores) if self.cores else max(1, int(torch_threads)))
         self.ran_on: list[int] = []  # the cores the last forward was allowed on
         self.name = f"subtree-{index}"
-        self.device, self.amp = pick_device(device), amp
+        self.device = pick_device(device)
+        self.precision = _precision(self.device, amp)
         self.served = 0  # requests answered by this replica
         local = fetch_tree(tree, [f"subtree-{index}.safetensors"])
         self.module, self.entry = load_subtree(local, index, self.device)
@@ -228,12 +240,12 @@ class Subtree:
             raise ValueError(f"{self.name} reads {expected} trunk channels, got features with {features.shape[1]}")
         self.received_channels = int(features.shape[1])
         x = torch.from_numpy(features).to(self.device, non_blocking=True)
-        with _autocast(self.device, self.amp):
+        with _autocast(self.device, self.precision):
             return self.module(x, inputs_selected=True).float().cpu().numpy()
 
     def info(self) -> dict:
         """Who answers: for health probes and for tests that check which replica survived what."""
-        return {"subtree": self.name, "pid": os.getpid(), "device": str(self.device),
+        return {"subtree": self.name, "pid": os.getpid(), "device": str(self.device), "precision": self.precision.name,
                 "classes": len(self.entry["classes"]), "requests_served": self.served, "cores": self.ran_on,
                 "received_channels": self.received_channels}
 
@@ -265,7 +277,8 @@ class _Model:
                  cores: list[int] | None = None):
         from splitnet.artifacts import load_tree, load_trunk
 
-        self.mode, self.device, self.amp, self.cores = mode, device, amp, cores
+        self.mode, self.device, self.cores = mode, device, cores
+        self.precision = _precision(device, amp)
         if mode == "fanout":
             self.net, _ = load_trunk(local_tree, device)
         elif mode == "local":
@@ -284,7 +297,7 @@ class _Model:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> np.ndarray:
         pin_thread(self.cores)
-        with _autocast(self.device, self.amp):
+        with _autocast(self.device, self.precision):
             return self.net(x.to(self.device, non_blocking=True)).float().cpu().numpy()
 
 
@@ -296,7 +309,7 @@ class TreeIngress:
     """HTTP in front of the tree: ``POST /predict``, ``GET /metadata``, ``GET /healthz``."""
 
     def __init__(self, tree: str, subtrees: list[DeploymentHandle] | None = None, mode: str = "fanout",
-                 device: str = "auto", amp: str | None = None, torch_threads: int = 1, dense_weights: str | None = None,
+                 device: str = "auto", amp: str | None = "auto", torch_threads: int = 1, dense_weights: str | None = None,
                  cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
 
@@ -372,7 +385,9 @@ class TreeIngress:
         subtrees = [{"name": s["name"], "classes": len(s["classes"]), "params": s.get("params"),
                      "flops": s.get("flops"), "weight_bytes": s.get("file_bytes")} for s in m["subtrees"]]
         return JSONResponse({"arch": m["arch"], "split": m["split"], "num_classes": m["num_classes"],
-                             "input_size": m["input_size"], "mode": self.mode, "classes": classes, "groups": groups,
+                             "input_size": m["input_size"], "mode": self.mode,
+                             "precision": {"name": self.model.precision.name, "reason": self.model.precision.reason},
+                             "classes": classes, "groups": groups,
                              "trunk": {"params": m["trunk"].get("params"), "flops": m["trunk"].get("flops"),
                                        "weight_bytes": m["trunk"].get("file_bytes")},
                              "subtrees": subtrees, "counts": m.get("counts", {}),

@@ -50,7 +50,7 @@ class DeployOptions:
     subtree_cpus: float = 0.25
     subtree_gpus: float = 0.0
     device: str = "auto"
-    amp: str | None = None
+    amp: str = "auto"             # auto | bf16 | none, resolved by each replica on its device
     torch_threads: int = 1
     # pin each subtree replica to one core (subtree g on pin_cores[g mod n], one thread) and the
     # trunk to all of them: the subtrees of a request compute in parallel on one machine
@@ -89,8 +89,10 @@ def serve_config(tree: str, opts: DeployOptions) -> dict:
             raise DeployError(f"{what}: subtree {bad[0]} does not exist; this tree has subtrees 0..{count - 1}")
     if opts.mode not in MODES:
         raise DeployError(f"mode {opts.mode!r}: use one of {', '.join(MODES)}")
-    if opts.amp not in (None, "bf16"):
-        raise DeployError(f"--amp {opts.amp!r}: only bf16 is supported")
+    from splitnet.precision import AMP_CHOICES
+
+    if opts.amp not in AMP_CHOICES:
+        raise DeployError(f"--amp {opts.amp!r}: use one of {', '.join(AMP_CHOICES)}")
     if min(opts.subtree_gpus, opts.subtree_cpus, opts.trunk_cpus, opts.trunk_gpus) < 0:
         raise DeployError("CPU and GPU counts must be >= 0")
     args = {"tree": tree, "mode": opts.mode, "device": opts.device, "torch_threads": opts.torch_threads}
@@ -98,8 +100,7 @@ def serve_config(tree: str, opts: DeployOptions) -> dict:
         if any(c < 0 for c in opts.pin_cores) or len(set(opts.pin_cores)) != len(opts.pin_cores):
             raise DeployError(f"--pin-cores {','.join(map(str, opts.pin_cores))}: distinct core numbers >= 0, e.g. 0,1")
         args["cpu_cores"] = list(opts.pin_cores)
-    if opts.amp:
-        args["amp"] = opts.amp
+    args["amp"] = opts.amp
     if opts.dense_weights:
         args["dense_weights"] = opts.dense_weights
     trunk = {"name": "trunk", "num_replicas": opts.trunk_replicas, "max_ongoing_requests": 64,

@@ -12,6 +12,7 @@ run that keeps it off must still show its progress.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -40,6 +41,155 @@ class ProgressLog:
         return out
 
 
+STATUS_MARK = "\x1e"  # a posted line that is a status (progress inside an epoch), JSON after the mark
+
+
+def say_status(status: dict, actor_name: str | None) -> None:
+    """A worker's progress inside an epoch (:class:`StepProgress`): the driver shows it as a line
+    (or, on an interactive terminal, as a bar rewritten in place)."""
+    say(STATUS_MARK + json.dumps(status), actor_name)
+
+
+def format_status(st: dict, bar_width: int = 0) -> str:
+    """``[baseline] epoch 2/5: step 40/78 | 312 img/s | ETA epoch 0:12, stage 2:40``; with
+    ``bar_width``, a bar in place of the step count's percentage. Distinct from an epoch line
+    (``[stage] epoch 2/5 | ...``): the colon after the epoch."""
+    from splitnet.train import _clock
+
+    head = f"[{st['stage']}] epoch {st['epoch']}/{st['epochs']}:"
+    step, steps = st["step"], max(st["steps"], 1)
+    if bar_width:
+        filled = int(bar_width * min(step / steps, 1.0))
+        head += f" [{'#' * filled}{'.' * (bar_width - filled)}]"
+    parts = [f"{head} step {step}/{steps}"]
+    if st.get("phase") == "validate":
+        parts.append("validating")
+    elif st.get("waiting_s") is not None:
+        waited = st["waiting_s"]
+        parts.append(f"no batch for {waited:.1f}s" if waited < 10 else f"no batch for {waited:.0f}s")
+        parts[-1] += " (waiting for the data stream)"
+    if st.get("images_per_s"):
+        parts.append(f"{st['images_per_s']:.0f} img/s")
+    if st.get("eta_epoch_s") is not None:
+        parts.append(f"ETA epoch {_clock(st['eta_epoch_s'])}, stage {_clock(st['eta_stage_s'])}")
+    return " | ".join(parts)
+
+
+class StepProgress:
+    """Rank 0's progress inside an epoch, said every ``interval_s`` seconds by a background thread:
+    step i/N, images/s (this worker's rate x the workers), the ETA of the epoch and of the stage, or
+    how long no batch has arrived (a stalled data stream shows itself). ``step(i)`` after each
+    training step; ``validating()`` once the epoch's steps are done; ``close()`` at the stage's end.
+    ``interval_s`` <= 0: nothing is said."""
+
+    def __init__(self, say_status: Callable[[dict], None], stage: str, epochs: int, steps: int, images_per_step: int,
+                 interval_s: float, clock: Callable[[], float] = time.monotonic):
+        self.emit, self.clock = say_status, clock
+        self.stage, self.epochs, self.steps, self.images_per_step = stage, epochs, steps, images_per_step
+        self.interval = interval_s
+        self.lock = threading.Lock()
+        self.epoch = 0
+        self.done = 0                # steps of this epoch done (resumed ones included)
+        self.timed = 0               # steps timed since the epoch (re)started here
+        self.started = self.last_step = clock()
+        self.phase = "train"
+        self.stop = threading.Event()
+        self.thread = None
+        if interval_s > 0:
+            self.thread = threading.Thread(target=self._run, name="splitnet-step-progress", daemon=True)
+            self.thread.start()
+
+    def start_epoch(self, epoch: int, done: int = 0) -> None:
+        """Epoch ``epoch`` (0-based) begins, ``done`` of its steps already done (a resumed epoch)."""
+        with self.lock:
+            self.epoch, self.done, self.timed, self.phase = epoch, done, 0, "train"
+            self.started = self.last_step = self.clock()
+
+    def step(self, done: int) -> None:
+        with self.lock:
+            self.done = done
+            self.timed += 1
+            self.last_step = self.clock()
+
+    def validating(self) -> None:
+        with self.lock:
+            self.phase = "validate"
+
+    def status(self) -> dict:
+        with self.lock:
+            now = self.clock()
+            st = {"stage": self.stage, "epoch": self.epoch + 1, "epochs": self.epochs, "step": self.done,
+                  "steps": self.steps, "phase": self.phase}
+            if self.timed:
+                per_step = (self.last_step - self.started) / self.timed
+                left = self.steps - self.done
+                st.update(images_per_s=self.images_per_step / max(per_step, 1e-9), eta_epoch_s=left * per_step,
+                          eta_stage_s=(left + (self.epochs - self.epoch - 1) * self.steps) * per_step)
+            if self.phase == "train" and self.interval > 0 and now - self.last_step >= self.interval:
+                st["waiting_s"] = now - self.last_step
+            return st
+
+    def due(self) -> dict | None:
+        """The status to say now, or None when there is nothing to say yet (an epoch just began)."""
+        st = self.status()
+        if st["phase"] == "train" and "images_per_s" not in st and "waiting_s" not in st:
+            return None
+        return st
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                st = self.due()
+                if st is not None:
+                    self.emit(st)
+            except Exception:  # noqa: BLE001 - progress must never fail a stage
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+
+class TerminalLog:
+    """The driver's lines on ``out``; ``status(dict)`` shows a progress status: on an interactive
+    terminal as a bar rewritten in place (cleared before the next line), elsewhere (a log file, a
+    pipe, CI) as a line of its own."""
+
+    def __init__(self, out, interactive: bool | None = None):
+        self.out = out
+        self.interactive = out.isatty() if interactive is None else interactive
+        self.showing = False
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            if self.showing:
+                self.out.write("\r\x1b[K")
+                self.showing = False
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def status(self, st: dict) -> None:
+        with self.lock:
+            if not self.interactive:
+                self.out.write(format_status(st) + "\n")
+            else:
+                import shutil
+
+                width = shutil.get_terminal_size((100, 20)).columns
+                self.out.write("\r\x1b[K" + format_status(st, bar_width=20)[:max(width - 1, 20)])
+                self.showing = True
+            self.out.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.showing:
+                self.out.write("\r\x1b[K")
+                self.out.flush()
+                self.showing = False
+
+
 def say(line: str, actor_name: str | None) -> None:
     """A progress line from a worker: to the driver's terminal through the run's
     :class:`ProgressLog` actor, or to stdout where there is none (a loop run outside ``splitnet run``)."""
@@ -50,6 +200,8 @@ def say(line: str, actor_name: str | None) -> None:
             raise ValueError("no progress actor")
         actor = ray.get_actor(actor_name)
     except (ValueError, RuntimeError):
+        if line.startswith(STATUS_MARK):
+            line = format_status(json.loads(line[len(STATUS_MARK):]))
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
         return
@@ -88,7 +240,12 @@ class Printer:
 
         with self.lock:
             for line in ray.get(self.actor.drain.remote()):
-                self.log(line)
+                if line.startswith(STATUS_MARK):
+                    status = json.loads(line[len(STATUS_MARK):])
+                    show = getattr(self.log, "status", None)
+                    self.log(format_status(status)) if show is None else show(status)
+                else:
+                    self.log(line)
 
     def __call__(self, line: str) -> None:
         try:
@@ -110,6 +267,8 @@ class Printer:
             pass
         if self.actor in _HANDLES:
             _HANDLES.remove(self.actor)
+        if hasattr(self.log, "close"):  # a bar left on the terminal
+            self.log.close()
 
 
 class QuietRun:

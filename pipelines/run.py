@@ -95,11 +95,50 @@ def _init_ray() -> str:
         return "the running Ray"
     address = os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}}
+    from splitnet.precision import OVERRIDE_ENV
+
+    if os.environ.get(OVERRIDE_ENV):  # the user's answer to "native bf16?" holds on the workers too
+        env["env_vars"][OVERRIDE_ENV] = os.environ[OVERRIDE_ENV]
     if address and address != "local":
         ray.init(address=address, runtime_env=env, log_to_driver=verbose())
         return f"Ray cluster {address}"
     ray.init(address="local" if address else None, runtime_env=env, log_to_driver=verbose())
     return "a local Ray"
+
+
+def _probe_precision(amp: str, use_gpu: bool) -> tuple[str, str, bool]:
+    """On a node like the workers': what ``scaling.amp`` resolves to there (name, reason, slow)."""
+    import torch
+
+    from splitnet.precision import choose_precision
+
+    p = choose_precision(amp, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    return p.name, p.reason, p.slow
+
+
+def workers_precision(cfg: PipelineConfig, timeout_s: float = 60.0):
+    """The precision the training workers will compute in, for the header. A local Ray is this
+    machine: resolved here. On a cluster, one task with a worker's resources answers; a cluster
+    with no such node up (autoscaling) leaves it to the workers, whose rank 0 then says it."""
+    import ray
+
+    from splitnet.precision import Precision
+
+    s = cfg.scaling
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeID") == ray.get_runtime_context().get_node_id():
+        name, reason, slow = _probe_precision(s.amp, s.use_gpu)
+    else:
+        task = ray.remote(num_cpus=min(1.0, s.cpus_per_worker), num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+        ref = task(_probe_precision).remote(s.amp, s.use_gpu)
+        try:
+            name, reason, slow = ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            return None
+    import torch
+
+    return Precision(name, torch.bfloat16 if name == "bf16" else None, reason, slow)
 
 
 def _check_resources(cfg: PipelineConfig, log) -> None:
@@ -316,7 +355,63 @@ def _download_cifar(root: str, log) -> None:
 
 # ---- datasets for the trainers ------------------------------------------------------------
 
-def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int = 0) -> dict:
+class DecodedCache:
+    """The run's decoded images in Ray's object store (``data.cache``): for small images whose
+    decoded copy fits in a quarter of the store, each split is decoded once for the whole run and
+    every epoch of every stage reads it back (no decode actors per epoch); the training
+    augmentation then runs in the workers. ``None`` from :meth:`get` where it does not apply."""
+
+    SHARE = 0.25  # of the object store
+
+    def __init__(self, cfg: PipelineConfig, info: DataInfo, log=None):
+        self.cfg, self.info, self.log = cfg, info, log
+        self.datasets: dict[str, object] = {}
+        self.enabled = self._fits()
+
+    def _fits(self) -> bool:
+        import ray
+
+        from .data.stream import decoded_bytes
+
+        d = self.cfg.data
+        if not d.cache or d.image_size > 64:
+            return False
+        records = self.info.train_records + (_count_records(self.info.shards, self.info.eval_split)
+                                             if self.info.eval_split != "train" else 0)
+        need = decoded_bytes(records, d.image_size)
+        store = ray.cluster_resources().get("object_store_memory", 0)
+        self.need = need
+        return need <= self.SHARE * store
+
+    def get(self, which: str):
+        if not self.enabled:
+            return None
+        if which not in self.datasets:
+            from .data.records import DecodeConfig
+            from .data.stream import cached_decoded
+
+            d, info = self.cfg.data, self.info
+            split, subset = ("train", "train") if which == "train" else (info.eval_split, info.eval_subset)
+            self.datasets[which] = cached_decoded(
+                info.shards, split=split, subset=subset, val_fraction=0.0 if d.eval_split else d.val_fraction,
+                decode=DecodeConfig(image_size=d.image_size, train=False, num_classes=info.num_classes,
+                                    max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
+                seed=self.cfg.seed, concurrency=d.decode_actors, num_cpus=d.decode_cpus)
+            if self.log and len(self.datasets) == 1:
+                self.log(f"data: decoded once into Ray's object store ({self.need / 2**20:.0f} MiB for every split); "
+                         "each epoch reads it back and the workers augment (data.cache=false: decode every epoch)")
+        return self.datasets[which]
+
+    def clear(self) -> None:
+        self.datasets.clear()  # the driver's references go: the store frees the blocks
+
+
+def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int = 0,
+              cache: DecodedCache | None = None) -> dict:
+    """The trainers' datasets: ``train`` (augmented; from ``cache`` block-shuffled anew every epoch,
+    the augmentation left to the workers) and ``val``."""
+    import ray
+
     from .data.records import DecodeConfig
     from .data.stream import read_dataset
 
@@ -324,16 +419,22 @@ def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int 
     common = dict(concurrency=d.decode_actors, num_cpus=d.decode_cpus)
     out = {}
     if train:
-        out["train"] = read_dataset(info.shards, split="train", subset="train",
-                                    val_fraction=0.0 if d.eval_split else d.val_fraction,
-                                    decode=DecodeConfig(image_size=d.image_size, train=True, num_classes=info.num_classes,
-                                                        max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
-                                    seed=cfg.seed + epoch_seed, **common)
-    out["val"] = read_dataset(info.shards, split=info.eval_split, subset=info.eval_subset,
-                              val_fraction=0.0 if d.eval_split else d.val_fraction,
-                              decode=DecodeConfig(image_size=d.image_size, train=False, num_classes=info.num_classes,
-                                                  max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
-                              seed=cfg.seed, shuffle_files=False, **common)
+        cached = cache.get("train") if cache else None
+        if cached is not None:
+            out["train"] = cached.randomize_block_order(
+                seed=ray.data.RandomSeedConfig(seed=cfg.seed + epoch_seed, reseed_after_execution=True))
+        else:
+            out["train"] = read_dataset(info.shards, split="train", subset="train",
+                                        val_fraction=0.0 if d.eval_split else d.val_fraction,
+                                        decode=DecodeConfig(image_size=d.image_size, train=True, num_classes=info.num_classes,
+                                                            max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
+                                        seed=cfg.seed + epoch_seed, **common)
+    cached = cache.get("val") if cache else None
+    out["val"] = cached if cached is not None else read_dataset(
+        info.shards, split=info.eval_split, subset=info.eval_subset, val_fraction=0.0 if d.eval_split else d.val_fraction,
+        decode=DecodeConfig(image_size=d.image_size, train=False, num_classes=info.num_classes,
+                            max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
+        seed=cfg.seed, shuffle_files=False, **common)
     return out
 
 
@@ -385,7 +486,21 @@ class StageFailed(RuntimeError):
     """A stage that failed beyond its retries (exit status 1; re-running resumes)."""
 
 
-def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, stage: str, log) -> None:
+def progress_interval(log) -> float:
+    """Seconds between rank 0's progress statuses inside an epoch: 2 s where the terminal shows
+    them as a bar in place, 30 s where each is a line (a log file, CI); ``SPLITNET_PROGRESS_EVERY_S``
+    sets it (0: none)."""
+    env = os.environ.get("SPLITNET_PROGRESS_EVERY_S", "").strip()
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            raise PipelineError(f"SPLITNET_PROGRESS_EVERY_S={env!r}: expected seconds, e.g. 30") from None
+    return 2.0 if getattr(getattr(log, "log", log), "interactive", False) else 30.0
+
+
+def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, stage: str, log,
+                 precision: str | None = None, cache: DecodedCache | None = None) -> None:
     from .stages import train_loop
 
     st = getattr(cfg, stage)
@@ -399,10 +514,13 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
     spe = steps_per_epoch(cfg, stage, info.train_records)
     log(f"[{stage}] {st.epochs} epochs x {spe} steps, batch {st.batch_size} over {cfg.scaling.num_workers} workers"
         f"{' (GPU)' if cfg.scaling.use_gpu else ''}")
-    loop_config = {"cfg": to_dict(cfg), "stage": stage, "progress": getattr(log, "name", None),
+    loop_config = {"cfg": to_dict(cfg), "stage": stage, "progress": getattr(log, "name", None), "precision": precision,
+                   "progress_every_s": progress_interval(log),
                    "num_classes": info.num_classes, "steps_per_epoch": spe,
                    "mean": info.mean, "std": info.std}
-    _fit(_trainer(cfg, rd, stage, train_loop, loop_config, _datasets(cfg, info, True, epoch_seed=STAGES.index(stage))), stage)
+    datasets = _datasets(cfg, info, True, epoch_seed=STAGES.index(stage), cache=cache)
+    loop_config["augment_in_workers"] = bool(cache and cache.enabled)  # decoded once: pad/crop/flip per batch there
+    _fit(_trainer(cfg, rd, stage, train_loop, loop_config, datasets), stage)
     out = "tree" if stage == "finetune" else stage
     result = rd.read_json(f"{out}/result.json", {})
     history = result.get("history", [])
@@ -464,7 +582,8 @@ def _cut(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> N
             log(f"warning: {name} is badly unbalanced after the cut, group sizes {sizes}")
 
 
-def _evaluate(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> dict:
+def _evaluate(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log,
+              cache: DecodedCache | None = None) -> dict:
     from .stages import evaluate_loop
 
     if _done(state, "evaluate"):
@@ -472,7 +591,7 @@ def _evaluate(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log)
         return rd.read_json("evaluate/metrics.json")
     t0 = time.perf_counter()
     loop_config = {"cfg": to_dict(cfg), "num_classes": info.num_classes, "mean": info.mean, "std": info.std}
-    _fit(_trainer(cfg, rd, "evaluate", evaluate_loop, loop_config, _datasets(cfg, info, False)), "evaluate")
+    _fit(_trainer(cfg, rd, "evaluate", evaluate_loop, loop_config, _datasets(cfg, info, False, cache=cache)), "evaluate")
     metrics = rd.read_json("evaluate/metrics.json")
     _mark(rd, state, "evaluate", metrics, time.perf_counter() - t0)
     log("[evaluate] " + ", ".join(f"{k} top-1 {v['top1']:.3f}" for k, v in metrics.items()))
@@ -537,11 +656,20 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
         progress_env = os.environ.get("SPLITNET_PROGRESS")
         ray.data.DataContext.get_current().enable_progress_bars = (progress_env != "0") if progress_env else verbose()
         _check_resources(cfg, log)
+        precision = workers_precision(cfg)
+        if precision is None:
+            log(f"precision: scaling.amp {cfg.scaling.amp}, chosen on the workers (no node like theirs answered in 60 s)")
+        else:
+            log(precision.line())
+            if precision.warning():
+                log(precision.warning())
+        announced = precision.line() if precision else None
         info = _prepare(cfg, rd, state, log)
-        steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log)),
-                 ("group", lambda: _train_stage(cfg, rd, state, info, "group", log)),
+        cache = DecodedCache(cfg, info, log)
+        steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log, announced, cache)),
+                 ("group", lambda: _train_stage(cfg, rd, state, info, "group", log, announced, cache)),
                  ("cut", lambda: _cut(cfg, rd, state, info, log)),
-                 ("finetune", lambda: _train_stage(cfg, rd, state, info, "finetune", log))]
+                 ("finetune", lambda: _train_stage(cfg, rd, state, info, "finetune", log, announced, cache))]
         collect_bad_records(rd, info)
         seen_bad = _bad_count(rd)  # prepare reported its own
         for name, fn in steps:
@@ -550,7 +678,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
             seen_bad = _warn_new_bad_records(rd, seen_bad, name, log)
             if stop_after == name:
                 return {}
-        metrics = _evaluate(cfg, rd, state, info, log)
+        metrics = _evaluate(cfg, rd, state, info, log, cache)
+        cache.clear()
         log(collect_bad_records(rd, info))
         return write_report(cfg, rd, state, info, metrics, time.perf_counter() - t0, log)
     finally:

@@ -25,6 +25,7 @@ import torch
 from splitnet import build_model
 from splitnet.grouping import Grouping, GroupingSchedule, classifier_class_groups, init_class_assignment_
 from splitnet.models import CLASSES
+from splitnet.precision import choose_precision
 from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
 from splitnet.train import CompiledForward, evaluate, format_epoch, train_one_epoch
 
@@ -32,6 +33,7 @@ from .config import PipelineConfig, from_dict
 from .rundir import RunDir
 
 TRAIN_STAGES = ("baseline", "group", "finetune")
+STAGE_SEEDS = {stage: i for i, stage in enumerate(TRAIN_STAGES)}
 
 
 def _sayer(actor_name: str | None):
@@ -39,6 +41,15 @@ def _sayer(actor_name: str | None):
     from .progress import say
 
     return lambda line: say(line, actor_name)
+
+
+def _step_progress(config: dict, stage: str, epochs: int, steps: int, images_per_step: int):
+    """Rank 0's progress inside each epoch (every ``progress_every_s``: 30 s to a log, 2 s as a bar)."""
+    from .progress import StepProgress, say_status
+
+    actor = config.get("progress")
+    return StepProgress(lambda status: say_status(status, actor), stage, epochs, steps, images_per_step,
+                        float(config.get("progress_every_s", 30.0)))
 
 
 # ---- model and optimizer state, without pickle --------------------------------------------
@@ -275,8 +286,8 @@ def _setup(cfg: PipelineConfig):
     torch.set_num_threads(threads)
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    amp = torch.bfloat16 if cfg.scaling.amp == "bf16" else None
-    return ctx, device, amp
+    precision = choose_precision(cfg.scaling.amp, device)  # on the device that computes (auto: native bf16 only)
+    return ctx, device, precision
 
 
 # ---- the training loop of a stage ---------------------------------------------------------
@@ -295,8 +306,12 @@ def train_loop(config: dict) -> None:
     stage = config["stage"]
     st = getattr(cfg, stage)
     rd = RunDir(cfg.run_dir)
-    ctx, device, amp = _setup(cfg)
+    ctx, device, precision = _setup(cfg)
+    amp = precision.dtype
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    announced = config.get("precision")
+    if rank == 0 and precision.line() != announced:  # the header could not speak for the workers' nodes
+        say(f"[{stage}] workers' {precision.line()}")
     torch.manual_seed(cfg.seed)
     model = build_stage_model(cfg, stage, rd, config["num_classes"])
     opt = _optimizer(cfg, stage, model)
@@ -364,23 +379,37 @@ def train_loop(config: dict) -> None:
             progress["class_start"] = grouping.class_start  # where the warm-up's classifier started the classes
         progress["global_step"] += 1
         progress["step_in_epoch"] += 1
+        if steps_shown is not None:
+            steps_shown.step(progress["step_in_epoch"])
         every = st.checkpoint_every_steps
         if every and progress["step_in_epoch"] % every == 0 and progress["step_in_epoch"] < limit:
             report({"stage": stage, "epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]}, True)
 
     stage_start, first_epoch = time.perf_counter(), progress["epoch"]
+    steps_shown = (_step_progress(config, stage, st.epochs, steps_per_epoch, per_worker_batch * world)
+                   if rank == 0 else None)
     while progress["epoch"] < st.epochs:
         epoch = progress["epoch"]
         limit = steps_per_epoch
         remaining = limit - progress["step_in_epoch"]
+        if steps_shown is not None:
+            steps_shown.start_epoch(epoch, progress["step_in_epoch"])
         start = time.perf_counter()
-        batches = torch_batches(train_shard, per_worker_batch, mean, std, str(device), drop_last=True)
+        augment = None
+        if config.get("augment_in_workers"):  # the images come decoded once, not augmented (pipelines.run.DecodedCache)
+            import numpy as np
+
+            augment = np.random.default_rng([cfg.seed, STAGE_SEEDS[stage], rank, epoch, progress["step_in_epoch"]])
+        batches = torch_batches(train_shard, per_worker_batch, mean, std, str(device), drop_last=True, augment=augment,
+                                shuffle_buffer=max(16 * per_worker_batch, 2048) if augment is not None else None)
         stats = train_one_epoch(ddp, batches, opt, grouping=grouping, split_model=model, device=device,
                                 max_steps=remaining, amp_dtype=amp, channels_last=cfg.scaling.channels_last,
                                 global_step=progress["global_step"], before_step=set_lr, after_step=after_step)
         if grouping is not None and grouping.prox is None:  # frozen once sparsifying: the cut must find the same argmax
             _sync_assignments(model)
         stats = _merge_train_stats(stats, time.perf_counter() - start)
+        if steps_shown is not None:
+            steps_shown.validating()
         val = _merge_eval(evaluate(model, torch_batches(val_shard, per_worker_batch, mean, std, str(device)), device,
                                    amp_dtype=amp, max_batches=cfg.evaluate.max_batches or None,
                                    channels_last=cfg.scaling.channels_last))
@@ -400,6 +429,8 @@ def train_loop(config: dict) -> None:
             say(format_epoch(stage, epoch + 1, st.epochs, row, val, eta_s=eta))
         report(row, True)
 
+    if steps_shown is not None:
+        steps_shown.close()
     progress["workers"] = _workers()
     if rank == 0:
         _write_stage_output(cfg, stage, rd, model, progress)
@@ -448,7 +479,8 @@ def evaluate_loop(config: dict) -> None:
 
     cfg = from_dict(config["cfg"])
     rd = RunDir(cfg.run_dir)
-    ctx, device, amp = _setup(cfg)
+    ctx, device, precision = _setup(cfg)
+    amp = precision.dtype
     n_classes = config["num_classes"]
     models = {}
     if cfg.baseline.enabled and rd.exists("baseline/model.safetensors"):

@@ -167,6 +167,8 @@ def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, t
     assert len({w["rank"] for w in group["workers"]}) == 2
     assert not state["stages"]["baseline"]["result"]["resumed"]
     assert any(line.startswith("done in") for line in logs)
+    # small images: decoded once for the whole run, the workers augment (data.cache, the default)
+    assert sum("decoded once into Ray's object store" in line for line in logs) == 1
 
     # a re-run of a finished run skips every stage and changes nothing
     before = (run_dir / "tree" / "manifest.yaml").read_bytes()
@@ -197,7 +199,8 @@ def test_interrupted_driver_resumes_on_rerun(ray_cluster, tiny_cifar, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
             *tiny(run_dir, tiny_cifar, group__epochs=3, baseline__enabled="false", group__init="scratch",
-                  group__assign_init="classifier", group__warmup=0.25)]
+                  group__assign_init="classifier", group__warmup=0.25,
+                  data__cache="false")]  # the decode actors stream every epoch (the path large images take)
     env = _cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -219,6 +222,7 @@ def test_interrupted_driver_resumes_on_rerun(ray_cluster, tiny_cifar, tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     out = second.stdout + second.stderr
     assert "parquet shards" not in out  # the shards of the first run are read, not written again
+    assert "decoded once" not in out  # data.cache=false
     assert "[group] resuming from the checkpoint at epoch" in out
     state = _assert_complete_run(run_dir, class_start="warm-up")
     group = state["stages"]["group"]["result"]
@@ -240,7 +244,8 @@ def test_successful_run_prints_its_own_lines_only(ray_cluster, tiny_cifar, tmp_p
     args = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
             *tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch",
                   group__assign_init="random", scaling__compile="true")]
-    env = _cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    # rank 0's progress inside an epoch, every 0.2 s here (30 s by default to a log like this one)
+    env = _cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, SPLITNET_PROGRESS_EVERY_S="0.2")
     env.pop("SPLITNET_PROGRESS")  # the default: no Ray Data progress bars either
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -254,6 +259,12 @@ def test_successful_run_prints_its_own_lines_only(ray_cluster, tiny_cifar, tmp_p
     epochs = [line.split(" | ")[0] for line in lines if re.match(r"\[(baseline|group|finetune)\] epoch \d+/\d+ ", line)]
     assert epochs == ["[group] epoch 1/2", "[group] epoch 2/2", "[finetune] epoch 1/1"], epochs
     assert lines[0].startswith("splitnet run") and f"Ray's output: {run_dir / 'logs'}" in lines[0], lines[0]
+    # the header says which precision the workers compute in, and why (the tests force "no native bf16")
+    assert lines[1] == "precision fp32: auto, SPLITNET_NATIVE_BF16=0", lines[1]
+    statuses = [line for line in lines if re.match(r"\[(group|finetune)\] epoch \d+/\d+: ", line)]
+    assert statuses, "no progress status inside an epoch"
+    for line in statuses:
+        assert re.match(r"\[(group|finetune)\] epoch \d/\d: step \d+/\d+( \||$)", line), line
     assert any(line.startswith("done in") and "Checks:" in line for line in lines) and lines[-1].startswith("report:")
     group_line = next(line for line in lines if line.startswith("[group] epoch 2/2"))
     assert "off-block" in group_line and "img/s" in group_line

@@ -428,3 +428,50 @@ def test_select_classes_by_superclass_and_name_relabelled(tmp_path):
                         "--classes", "vehicles_1,fishh"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "'fishh' is neither a class nor a parent" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_decoded_once_then_reshuffled_and_augmented_in_the_consumer(ray_cluster, tmp_path):
+    """``data.cache``: the decoded images of a small-image split are held in the object store (not
+    augmented); every epoch the block order changes, and torch_batches pads/crops/flips per batch.
+    Image i is a flat colour with value 8*i in red, so what reaches the consumer can be checked."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from pipelines.data.sources import write_parquet_shard
+    from pipelines.data.stream import cached_decoded, torch_batches
+
+    for shard in range(4):
+        keys, images = [], []
+        for j in range(8):
+            i = shard * 8 + j
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (8 * i, 100, 200)).save(buf, format="PNG")
+            keys.append(f"k{i}")
+            images.append(buf.getvalue())
+        write_parquet_shard(str(tmp_path / f"train-{shard:05d}.parquet"), keys, images, [shard] * 8)
+    decode = DecodeConfig(image_size=32, train=True, num_classes=4)
+    cached = cached_decoded(str(tmp_path), split="train", subset="train", val_fraction=0.0, decode=decode,
+                            batch_size=8, concurrency=1, num_cpus=0.25, log_name=None, rows_per_block=8)
+    assert cached.num_blocks() == 4
+    stored = np.concatenate([b["image"] for b in cached.iter_batches(batch_size=8, batch_format="numpy")])
+    assert stored.shape == (32, 32, 32, 3) and (stored[:, :, :, 1] == 100).all()  # decoded, not padded or cropped
+
+    import ray
+
+    ds = cached.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=3, reseed_after_execution=True))
+    orders = [[int(b["image"][0, 0, 0, 0]) // 8 for b in ds.iter_batches(batch_size=8, batch_format="numpy")]
+              for _ in range(4)]
+    assert all(sorted(o) == [0, 8, 16, 24] for o in orders) and len({tuple(o) for o in orders}) > 1, orders
+
+    rng = np.random.default_rng(0)
+    mean, std = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # x = the uint8 values
+    batches = list(torch_batches(cached, 8, mean, std, augment=rng, shuffle_buffer=16))
+    x = torch.cat([b[0] for b in batches])
+    assert x.shape == (32, 3, 32, 32) and sum(len(b[1]) for b in batches) == 32
+    # pad-and-crop shifts zero borders in: every image is still its colour inside, some have a black band
+    green = x[:, 1]
+    assert ((green == 100) | (green == 0)).all() and (green == 0).any(dim=(1, 2)).sum() > 16
+    plain = torch.cat([b[0] for b in torch_batches(cached, 8, mean, std)])
+    assert (plain[:, 1] == 100).all()

@@ -47,7 +47,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
                       ["group.epochs=7", "run_dir=s3://bucket/x", "scaling.use_gpu=false", "data.mean=[0.5,0.5,0.5]",
                        "group.lr=0.2"])
     assert cfg.group.epochs == 7 and cfg.run_dir == "s3://bucket/x" and cfg.data.mean == [0.5, 0.5, 0.5]
-    assert cfg.group.lr == 0.2 and cfg.baseline.lr == 0.1 and cfg.group.assignment_lr_mult == 600  # the rest untouched
+    assert cfg.group.lr == 0.2 and cfg.baseline.lr == 0.1 and cfg.group.assignment_lr_mult == 300  # the rest untouched
     assert load_config(None, ["model.split=4"]).model.split == "4"  # an int in YAML is still a split string
 
 
@@ -142,7 +142,7 @@ def test_cli_print_config_shows_the_resolved_config():
     r = _cli("run", str(ROOT / "pipelines/configs/demo.yaml"), "group.epochs=5", "--print-config")
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load(r.stdout)
-    assert data["group"]["epochs"] == 5 and data["model"]["arch"] == "wrn-16-2"
+    assert data["group"]["epochs"] == 5 and data["model"]["arch"] == "wrn-16-1"
 
 
 # ---- overlay YAML files: CONFIG.yaml OVERLAY.yaml ... key=value ----------------------------

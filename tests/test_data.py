@@ -475,3 +475,24 @@ def test_decoded_once_then_reshuffled_and_augmented_in_the_consumer(ray_cluster,
     assert ((green == 100) | (green == 0)).all() and (green == 0).any(dim=(1, 2)).sum() > 16
     plain = torch.cat([b[0] for b in torch_batches(cached, 8, mean, std)])
     assert (plain[:, 1] == 100).all()
+
+
+def test_decoded_cache_only_for_small_images_that_fit_the_object_store(monkeypatch):
+    """``data.cache``: on for images <= 64 px whose decoded copy fits a quarter of the store."""
+    import ray
+
+    from pipelines.config import load_config
+    from pipelines.run import DataInfo, DecodedCache
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2, "object_store_memory": 200 * 2**20})
+
+    def cache(records: int, *overrides: str) -> bool:
+        cfg = load_config(ROOT / "pipelines/configs/demo.yaml", list(overrides))
+        info = DataInfo(shards="unused", class_names=["a", "b"], parents=["", ""], train_records=records,
+                        eval_split="train", eval_subset="val", mean=[0.5] * 3, std=[0.25] * 3)
+        return DecodedCache(cfg, info).enabled
+
+    assert cache(10_000)                           # 29 MiB of 32 px images: fits 50 MiB
+    assert not cache(100_000)                      # 293 MiB: streams, decoded every epoch
+    assert not cache(10_000, "data.cache=false")
+    assert not cache(100, "data.image_size=96")     # larger images: augmented while decoding (random-resized crop)

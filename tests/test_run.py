@@ -229,7 +229,7 @@ def test_interrupted_driver_resumes_on_rerun(ray_cluster, tiny_cifar, tmp_path):
     assert group["resumed"][0]["epoch"] >= 1
     assert sorted(set(group["class_start"])) == [0, 1] and len(group["class_start"]) == 20
     assert [h["epoch"] for h in state["stages"]["group"]["result"]["history"]] == [1, 2, 3]
-    assert "[group] epoch 3/3" in out and "| disjoint" in out  # the progress lines reach the driver
+    assert "[group] epoch 3/3 |" in out and "| disjoint" in out  # the progress lines reach the driver
 
 
 def test_successful_run_prints_its_own_lines_only(ray_cluster, tiny_cifar, tmp_path):
@@ -266,7 +266,7 @@ def test_successful_run_prints_its_own_lines_only(ray_cluster, tiny_cifar, tmp_p
     for line in statuses:
         assert re.match(r"\[(group|finetune)\] epoch \d/\d: step \d+/\d+( \||$)", line), line
     assert any(line.startswith("done in") and "Checks:" in line for line in lines) and lines[-1].startswith("report:")
-    group_line = next(line for line in lines if line.startswith("[group] epoch 2/2"))
+    group_line = next(line for line in lines if line.startswith("[group] epoch 2/2 |"))
     assert "off-block" in group_line and "img/s" in group_line
     assert (run_dir / "logs" / "driver.log").stat().st_size > 0 and (run_dir / "logs" / "ray").is_symlink()
 

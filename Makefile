@@ -38,7 +38,7 @@ sysdeps:
 	fi
 
 test: venv sysdeps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=15
 
 bench: venv
 	$(BIN)/python benchmarks/split_forward.py

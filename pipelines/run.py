@@ -106,14 +106,13 @@ def _init_ray() -> str:
     return "a local Ray"
 
 
-def _probe_precision(amp: str, use_gpu: bool) -> tuple[str, str, bool]:
-    """On a node like the workers': what ``scaling.amp`` resolves to there (name, reason, slow)."""
+def _probe_precision(amp: str, use_gpu: bool):
+    """On a node like the workers': what ``scaling.amp`` resolves to there (a ``Precision``)."""
     import torch
 
     from splitnet.precision import choose_precision
 
-    p = choose_precision(amp, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    return p.name, p.reason, p.slow
+    return choose_precision(amp, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
 def workers_precision(cfg: PipelineConfig, timeout_s: float = 60.0):
@@ -122,23 +121,17 @@ def workers_precision(cfg: PipelineConfig, timeout_s: float = 60.0):
     with no such node up (autoscaling) leaves it to the workers, whose rank 0 then says it."""
     import ray
 
-    from splitnet.precision import Precision
-
     s = cfg.scaling
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) == 1 and nodes[0].get("NodeID") == ray.get_runtime_context().get_node_id():
-        name, reason, slow = _probe_precision(s.amp, s.use_gpu)
-    else:
-        task = ray.remote(num_cpus=min(1.0, s.cpus_per_worker), num_gpus=s.gpus_per_worker if s.use_gpu else 0)
-        ref = task(_probe_precision).remote(s.amp, s.use_gpu)
-        try:
-            name, reason, slow = ray.get(ref, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.cancel(ref, force=True)
-            return None
-    import torch
-
-    return Precision(name, torch.bfloat16 if name == "bf16" else None, reason, slow)
+        return _probe_precision(s.amp, s.use_gpu)
+    task = ray.remote(num_cpus=min(1.0, s.cpus_per_worker), num_gpus=s.gpus_per_worker if s.use_gpu else 0)
+    ref = task(_probe_precision).remote(s.amp, s.use_gpu)
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return None
 
 
 def _check_resources(cfg: PipelineConfig, log) -> None:
@@ -355,6 +348,15 @@ def _download_cifar(root: str, log) -> None:
 
 # ---- datasets for the trainers ------------------------------------------------------------
 
+def _decode_config(cfg: PipelineConfig, info: DataInfo, train: bool):
+    """How the run's records become images (train: augmented while decoding)."""
+    from .data.records import DecodeConfig
+
+    d = cfg.data
+    return DecodeConfig(image_size=d.image_size, train=train, num_classes=info.num_classes, max_pixels=d.max_pixels,
+                        on_bad_record=d.on_bad_record)
+
+
 class DecodedCache:
     """The run's decoded images in Ray's object store (``data.cache``): for small images whose
     decoded copy fits in a quarter of the store, each split is decoded once for the whole run and
@@ -387,16 +389,14 @@ class DecodedCache:
         if not self.enabled:
             return None
         if which not in self.datasets:
-            from .data.records import DecodeConfig
             from .data.stream import cached_decoded
 
             d, info = self.cfg.data, self.info
             split, subset = ("train", "train") if which == "train" else (info.eval_split, info.eval_subset)
             self.datasets[which] = cached_decoded(
                 info.shards, split=split, subset=subset, val_fraction=0.0 if d.eval_split else d.val_fraction,
-                decode=DecodeConfig(image_size=d.image_size, train=False, num_classes=info.num_classes,
-                                    max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
-                seed=self.cfg.seed, concurrency=d.decode_actors, num_cpus=d.decode_cpus)
+                decode=_decode_config(self.cfg, info, train=False), seed=self.cfg.seed,
+                concurrency=d.decode_actors, num_cpus=d.decode_cpus)
             if self.log and len(self.datasets) == 1:
                 self.log(f"data: decoded once into Ray's object store ({self.need / 2**20:.0f} MiB for every split); "
                          "each epoch reads it back and the workers augment (data.cache=false: decode every epoch)")
@@ -412,7 +412,6 @@ def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int 
     the augmentation left to the workers) and ``val``."""
     import ray
 
-    from .data.records import DecodeConfig
     from .data.stream import read_dataset
 
     d = cfg.data
@@ -426,15 +425,11 @@ def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int 
         else:
             out["train"] = read_dataset(info.shards, split="train", subset="train",
                                         val_fraction=0.0 if d.eval_split else d.val_fraction,
-                                        decode=DecodeConfig(image_size=d.image_size, train=True, num_classes=info.num_classes,
-                                                            max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
-                                        seed=cfg.seed + epoch_seed, **common)
+                                        decode=_decode_config(cfg, info, train=True), seed=cfg.seed + epoch_seed, **common)
     cached = cache.get("val") if cache else None
     out["val"] = cached if cached is not None else read_dataset(
         info.shards, split=info.eval_split, subset=info.eval_subset, val_fraction=0.0 if d.eval_split else d.val_fraction,
-        decode=DecodeConfig(image_size=d.image_size, train=False, num_classes=info.num_classes,
-                            max_pixels=d.max_pixels, on_bad_record=d.on_bad_record),
-        seed=cfg.seed, shuffle_files=False, **common)
+        decode=_decode_config(cfg, info, train=False), seed=cfg.seed, shuffle_files=False, **common)
     return out
 
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 _HANDLES: list = []  # a named actor lives as long as its creating handle
 
@@ -68,6 +68,9 @@ def format_status(st: dict, bar_width: int = 0) -> str:
         waited = st["waiting_s"]
         parts.append(f"no batch for {waited:.1f}s" if waited < 10 else f"no batch for {waited:.0f}s")
         parts[-1] += " (waiting for the data stream)"
+    elif st.get("running_s") is not None:
+        ran = st["running_s"]
+        parts.append(f"step {step + 1} running for {ran:.1f}s" if ran < 10 else f"step {step + 1} running for {ran:.0f}s")
     if st.get("images_per_s"):
         parts.append(f"{st['images_per_s']:.0f} img/s")
     if st.get("eta_epoch_s") is not None:
@@ -77,8 +80,10 @@ def format_status(st: dict, bar_width: int = 0) -> str:
 
 class StepProgress:
     """Rank 0's progress inside an epoch, said every ``interval_s`` seconds by a background thread:
-    step i/N, images/s (this worker's rate x the workers), the ETA of the epoch and of the stage, or
-    how long no batch has arrived (a stalled data stream shows itself). ``step(i)`` after each
+    step i/N, images/s (this worker's rate x the workers), the ETA of the epoch and of the stage, and,
+    when nothing finished for an interval, which of the two is slow: the data stream (no batch has
+    arrived for N s) or the step itself (step i+1 running for N s: a big model on a small CPU).
+    ``batches(iterable)`` wraps the epoch's batches to tell the two apart; ``step(i)`` after each
     training step; ``validating()`` once the epoch's steps are done; ``close()`` at the stage's end.
     ``interval_s`` <= 0: nothing is said."""
 
@@ -92,6 +97,8 @@ class StepProgress:
         self.done = 0                # steps of this epoch done (resumed ones included)
         self.timed = 0               # steps timed since the epoch (re)started here
         self.started = self.last_step = clock()
+        self.fetch_since: float | None = None  # when the loop asked for the batch it still waits for
+        self.batch_at: float | None = None     # when the batch being trained on arrived
         self.phase = "train"
         self.stop = threading.Event()
         self.thread = None
@@ -104,6 +111,22 @@ class StepProgress:
         with self.lock:
             self.epoch, self.done, self.timed, self.phase = epoch, done, 0, "train"
             self.started = self.last_step = self.clock()
+            self.fetch_since = self.batch_at = None
+
+    def batches(self, batches: Iterable) -> Iterator:
+        """``batches``, noting how long each ``next()`` waits (the data stream) apart from the steps."""
+        it = iter(batches)
+        while True:
+            with self.lock:
+                self.fetch_since = self.clock()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                with self.lock:
+                    self.fetch_since, self.batch_at = None, self.clock()
+            yield batch
 
     def step(self, done: int) -> None:
         with self.lock:
@@ -125,14 +148,20 @@ class StepProgress:
                 left = self.steps - self.done
                 st.update(images_per_s=self.images_per_step / max(per_step, 1e-9), eta_epoch_s=left * per_step,
                           eta_stage_s=(left + (self.epochs - self.epoch - 1) * self.steps) * per_step)
-            if self.phase == "train" and self.interval > 0 and now - self.last_step >= self.interval:
-                st["waiting_s"] = now - self.last_step
+            if self.phase == "train" and self.interval > 0:
+                if self.fetch_since is not None:
+                    if now - self.fetch_since >= self.interval:
+                        st["waiting_s"] = now - self.fetch_since
+                else:
+                    since = self.batch_at if self.batch_at is not None and self.batch_at > self.last_step else self.last_step
+                    if now - since >= self.interval:
+                        st["running_s"] = now - since
             return st
 
     def due(self) -> dict | None:
         """The status to say now, or None when there is nothing to say yet (an epoch just began)."""
         st = self.status()
-        if st["phase"] == "train" and "images_per_s" not in st and "waiting_s" not in st:
+        if st["phase"] == "train" and not {"images_per_s", "waiting_s", "running_s"} & set(st):
             return None
         return st
 

@@ -402,6 +402,8 @@ def train_loop(config: dict) -> None:
             augment = np.random.default_rng([cfg.seed, STAGE_SEEDS[stage], rank, epoch, progress["step_in_epoch"]])
         batches = torch_batches(train_shard, per_worker_batch, mean, std, str(device), drop_last=True, augment=augment,
                                 shuffle_buffer=max(16 * per_worker_batch, 2048) if augment is not None else None)
+        if steps_shown is not None:
+            batches = steps_shown.batches(batches)  # a slow stream told apart from a slow step
         stats = train_one_epoch(ddp, batches, opt, grouping=grouping, split_model=model, device=device,
                                 max_steps=remaining, amp_dtype=amp, channels_last=cfg.scaling.channels_last,
                                 global_step=progress["global_step"], before_step=set_lr, after_step=after_step)

@@ -36,19 +36,35 @@ def test_status_counts_steps_rate_and_etas():
     assert said == []  # interval 0: no thread, nothing said by itself
 
 
-def test_a_stalled_stream_shows_itself():
+def test_a_stalled_stream_and_a_slow_step_are_told_apart():
     clock = Clock()
     p = StepProgress(lambda st: None, "group", epochs=3, steps=78, images_per_step=128, interval_s=30, clock=clock)
+    said_while_waiting = []
+
+    def stream():  # the data stream delivers the first batch after 45 s
+        clock.t += 45
+        said_while_waiting.append(p.due())
+        yield "batch"
+
     try:
         p.start_epoch(0, done=12)  # resumed mid-epoch
-        clock.t += 45
-        st = p.due()
-        assert st["step"] == 12 and st["waiting_s"] == 45
+        batches = p.batches(stream())
+        assert next(batches) == "batch"
+        st = said_while_waiting[0]
+        assert st["step"] == 12 and st["waiting_s"] == 45 and "running_s" not in st
         assert "no batch for 45s (waiting for the data stream)" in format_status(st)
+        # the batch is in: 50 s later the step still runs (a big model on a small CPU), the stream is not to blame
+        clock.t += 50
+        st = p.due()
+        assert st["running_s"] == 50 and "waiting_s" not in st
+        line = format_status(st)
+        assert "step 13 running for 50s" in line and "data stream" not in line
         p.step(13)
+        clock.t += 10  # under the interval: nothing to flag
+        assert not {"waiting_s", "running_s"} & set(p.due())
         p.validating()
         clock.t += 40
-        assert "validating" in format_status(p.due()) and "waiting_s" not in p.due()
+        assert "validating" in format_status(p.due()) and not {"waiting_s", "running_s"} & set(p.due())
     finally:
         p.close()
 

@@ -61,6 +61,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["scaling.backend=mpi"], "scaling.backend: 'mpi' is not one of"),
     (["model.arch=vgg"], "model.arch: unknown arch 'vgg'"),
     (["model.split=2-3-2"], "model.split:"),
+    (["model.arch=alexnet"], "data.image_size: 32 px is too small for alexnet (at least 63 px)"),
     (["data.val_fraction=1.5"], "data.val_fraction: must be in [0, 1)"),
     (["group.init=baseline", "baseline.enabled=false"], "group.init: baseline, but baseline.enabled is false"),
     (["model.pretrained=/no/such/weights.pth"], "model.pretrained: /no/such/weights.pth: no such file"),
@@ -202,10 +203,10 @@ def test_an_overlays_values_are_validated_with_the_rest(tmp_path):
 
 
 def test_cli_run_takes_overlays_then_overrides(tmp_path):
-    r = _cli("run", str(IN22K), str(REHEARSAL), "data.source=/tmp/in22k", "group.max_steps_per_epoch=2", "--print-config")
+    r = _cli("run", str(IN22K), str(REHEARSAL), "data.source=/tmp/in22k", "group.max_steps_per_epoch=3", "--print-config")
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load(r.stdout)
-    assert data["data"]["source"] == "/tmp/in22k" and data["group"]["max_steps_per_epoch"] == 2
+    assert data["data"]["source"] == "/tmp/in22k" and data["group"]["max_steps_per_epoch"] == 3
     assert data["scaling"]["use_gpu"] is False and data["model"]["arch"] == "resnet50"
     r = _cli("run", str(IN22K), "data.source=/tmp/in22k", str(REHEARSAL))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [

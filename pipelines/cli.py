@@ -333,11 +333,14 @@ def _validate_model_args(args) -> None:
 
     try:
         with torch.device("meta"):
-            build_model(args.arch, getattr(args, "num_classes", 100), args.split)
+            model = build_model(args.arch, getattr(args, "num_classes", 100), args.split)
     except SplitConfigError:
         raise
     except ValueError as e:
         raise UsageError(str(e)) from None
+    size = getattr(args, "input_size", None)
+    if size is not None and size < model.min_input_size:
+        raise UsageError(f"--input-size {size}: {args.arch} takes images of at least {model.min_input_size} px")
 
 
 if __name__ == "__main__":

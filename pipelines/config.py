@@ -416,10 +416,10 @@ def validate(cfg: PipelineConfig) -> None:
     _positive("evaluate.max_batches", cfg.evaluate.max_batches, True)
     _positive("failure.max_failures", cfg.failure.max_failures, True)
     _positive("failure.checkpoints_to_keep", cfg.failure.checkpoints_to_keep)
-    _check_model(cfg.model)
+    _check_model(cfg.model, cfg.data.image_size)
 
 
-def _check_model(m: ModelConfig) -> None:
+def _check_model(m: ModelConfig, image_size: int) -> None:
     import torch
 
     from splitnet import build_model
@@ -427,11 +427,14 @@ def _check_model(m: ModelConfig) -> None:
 
     try:
         with torch.device("meta"):
-            build_model(m.arch, 10, m.split)
+            model = build_model(m.arch, 10, m.split)
     except SplitConfigError as e:
         raise ConfigError(f"model.split: {e}") from None
     except ValueError as e:
         raise ConfigError(f"model.arch: {e}") from None
+    if image_size < model.min_input_size:
+        raise ConfigError(f"data.image_size: {image_size} px is too small for {m.arch} (at least "
+                          f"{model.min_input_size} px)")
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -58,10 +58,15 @@ def default_input_size(arch: str) -> int:
 
 
 def model_cost(model: nn.Module, input_size: int) -> dict:
-    """{weights, params, state_bytes, flops} of a dense model for one ``input_size`` x ``input_size`` image."""
+    """{weights, params, state_bytes, flops} of a dense model for one ``input_size`` x ``input_size`` image.
+
+    A split model's learned assignments (``assignments.*``, one logit per channel and group) are
+    training state, not part of the network a user deploys: they are not counted."""
     x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
-    return {"weights": count_weights(model), "params": count_params(model), "state_bytes": count_bytes(model),
-            "flops": count_flops(model, x)}
+    own = [(n, p) for n, p in model.named_parameters() if not n.startswith("assignments.")]
+    state = [t for n, t in model.state_dict().items() if not n.startswith("assignments.")]
+    return {"weights": count_weights(model), "params": sum(p.numel() for _, p in own),
+            "state_bytes": sum(t.numel() * t.element_size() for t in state), "flops": count_flops(model, x)}
 
 
 def tree_cost(tree, input_size: int) -> dict:
@@ -95,6 +100,8 @@ def plan(arch: str, split: str, num_classes: int, input_size: int | None = None)
 
     input_size = input_size or default_input_size(arch)
     model = build_model(arch, num_classes, split).eval()
+    if input_size < model.min_input_size:
+        raise ValueError(f"--input-size {input_size}: {arch} takes images of at least {model.min_input_size} px")
     dense = model_cost(model, input_size)
     tree = build_tree(model, balanced_assignment(model)).eval()
     cost = tree_cost(tree, input_size)

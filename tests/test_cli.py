@@ -28,11 +28,40 @@ def test_plan_json():
     assert data["ideal_speedup"] > 1.5
 
 
+def _alexnet_counts(groups: int, classes: int = 1000) -> dict:
+    """AlexNet's parameters and FLOPs at 224 px derived by hand: conv1..conv5 in the trunk, then
+    fc6 (256 channels x 36 positions -> 4096), fc7 (4096 -> 4096) and fc8 (4096 -> classes), each
+    cut into ``groups`` balanced diagonal blocks (weights + biases)."""
+    convs = [(3, 64, 11), (64, 192, 5), (192, 384, 3), (384, 256, 3), (256, 256, 3)]
+    conv_params = sum(o * i * k * k + o for i, o, k in convs)
+    fcs = [(256 * 36, 4096), (4096, 4096), (4096, classes)]
+    dense = conv_params + sum(i * o + o for i, o in fcs)
+    split = conv_params + sum(groups * ((i // groups) * (o // groups) + o // groups) for i, o in fcs)
+    fc_macs = sum(i * o for i, o in fcs)
+    return {"dense": dense, "split": split, "fc_flops_saved": 2 * fc_macs * (1 - 1 / groups)}
+
+
+@pytest.mark.parametrize("split,groups,params,reduction", [("2-2-2", 2, 31_789_864, 0.480),
+                                                            ("4-4-4", 4, 17_134_376, 0.720)])
+def test_plan_alexnet_is_exact_to_the_parameter(split, groups, params, reduction):
+    r = run("plan", "--arch", "alexnet", "--split", split, "--num-classes", "1000", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    want = _alexnet_counts(groups)
+    assert data["dense"]["params"] == want["dense"] == 61_100_840  # torchvision's alexnet, to the parameter
+    assert data["split_tree"]["params"] == want["split"] == params
+    assert round(data["reduction"]["params"], 3) == reduction
+    assert data["input_size"] == 224
+    assert data["dense"]["flops"] - data["split_tree"]["flops"] == want["fc_flops_saved"]
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["plan", "--arch", "vgg", "--split", "2", "--num-classes", "10"], "unknown arch 'vgg'"),
     (["plan", "--arch", "wrn-16-8", "--split", "2-3-2", "--num-classes", "10"], "invalid split '2-3-2'"),
     (["plan", "--arch", "wrn-16-8", "--split", "2-2", "--num-classes", "0"], "--num-classes"),
     (["plan", "--arch", "wrn-16-8", "--num-classes", "10"], "--split"),
+    (["plan", "--arch", "alexnet", "--split", "2-2-2", "--num-classes", "10", "--input-size", "32"],
+     "--input-size 32: alexnet takes images of at least 63 px"),
     (["prepare", "/nonexistent", "--out", "/tmp/x"], "/nonexistent"),
     (["run"], "config"),
     (["frobnicate"], "invalid choice"),

@@ -6,7 +6,8 @@ from splitnet import build_model, list_models
 from splitnet.models import CLASSES
 from splitnet.regularizers import regularization_loss, RegularizerWeights
 
-ARCHS = ["wrn-10-2", "wrn-16-8", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+ARCHS = ["wrn-10-2", "wrn-16-8", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "alexnet"]
+INPUT = {"alexnet": 64}  # AlexNet's stride-4 stem and three max-pools need >= 63 px
 
 
 def test_every_registered_arch_is_covered():
@@ -18,7 +19,8 @@ def test_every_registered_arch_is_covered():
 def test_forward_shapes_no_nan_and_gradients(arch):
     split = "2-2-2" if arch.startswith("wrn") else "2-4-4"
     model = build_model(arch, 10, split)
-    x = torch.randn(2, 3, 32, 32)
+    size = INPUT.get(arch, 32)
+    x = torch.randn(2, 3, size, size)
     logits = model(x)
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     reg, _ = regularization_loss(model, RegularizerWeights())
@@ -54,6 +56,45 @@ def test_torchvision_1k_checkpoint_into_22k_model_skips_only_fc():
     assert torch.equal(model.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
     with pytest.raises(ValueError, match="missing key"):
         model.load_backbone_state_dict({k: v for k, v in ref.state_dict().items() if k != "conv1.weight"})
+
+
+def test_alexnet_is_torchvisions_in_names_shapes_and_function():
+    """torchvision's AlexNet weights load as they are, a baseline trained here loads into
+    torchvision's AlexNet, and the two compute the same logits (fc6 and fc7, held as
+    convolutions over their whole input, are the same weights reshaped)."""
+    ref = torchvision.models.alexnet(weights=None).eval()
+    model = build_model("alexnet", 1000, "2-2-2").eval()
+    assert {k: tuple(v.shape) for k, v in model.backbone_state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert model.load_backbone_state_dict(ref.state_dict()) == []
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ref(x), model(x), atol=1e-5)
+    assert torch.equal(model.fc6[0].fc.weight.flatten(1), ref.classifier[1].weight)
+    back = torchvision.models.alexnet(weights=None).eval()
+    back.load_state_dict(model.backbone_state_dict())
+    with torch.no_grad():
+        assert torch.allclose(back(x), model(x), atol=1e-5)
+    # ImageNet-1K weights into a 37-class model: only the classifier (fc8) is skipped
+    small = build_model("alexnet", 37, "2-2-2")
+    assert small.load_backbone_state_dict(ref.state_dict()) == ["classifier.6.weight", "classifier.6.bias"]
+    assert torch.equal(small.fc7[0].fc.weight.flatten(1), ref.classifier[4].weight)
+    with pytest.raises(ValueError, match="classifier.1.weight: shape"):
+        small.load_backbone_state_dict({**ref.state_dict(), "classifier.1.weight": torch.zeros(4096, 9215)})
+
+
+def test_alexnet_split_levels_are_fc8_fc7_fc6_then_conv5():
+    """fc6 reads conv5's 256 channels (6 x 6 positions each) grouped by channel; ``2-2-2``
+    splits fc6, fc7 and fc8 and leaves conv5 in the trunk, ``2-2-2-2`` splits conv5 too."""
+    layers = {layer.name: layer for layer in build_model("alexnet", 10, "2-2-2").split_graph().layers}
+    assert layers["fc6.0.fc"].module.weight.shape == (4096, 256, 6, 6)
+    assert layers["fc6.0.fc"].in_set == "conv5.0.out" and layers["fc6.0.fc"].groups == 2
+    assert layers["fc7.0.fc"].in_set == "fc6.0.out" and layers["fc"].in_set == "fc7.0.out"
+    assert layers["conv5.0.conv"].groups == 1 and layers["conv5.0.conv"].in_set == "stem"
+    deeper = {layer.name: layer.groups for layer in build_model("alexnet", 10, "2-2-2-2").split_graph().layers}
+    assert deeper == {"conv5.0.conv": 2, "fc6.0.fc": 2, "fc7.0.fc": 2, "fc": 2}
+    with pytest.raises(ValueError, match="only 3 stages"):
+        build_model("alexnet", 10, "2-2-2-2-2")
 
 
 def test_split_graph_ties_identity_shortcuts_and_splits_projections():

@@ -1,7 +1,7 @@
 """Split-aware backbones and their registry: ``build_model(arch, num_classes, split)``.
 
 Registered: ``wrn-<depth>-<widen>`` (any valid WRN, e.g. ``wrn-16-8``), ``resnet18``,
-``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``. Add your own with
+``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``, ``alexnet``. Add your own with
 :func:`register_model`: a factory ``(num_classes, split, **kwargs) -> SplitModel``.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Callable
 from .base import SplitModel, SplitGraph, LayerSpec, ChannelSetSpec, CLASSES
 from .blocks import SplitBlock, WideBasic, BasicBlock, Bottleneck
 from .resnet import ResNet, _LAYOUTS
+from .alexnet import AlexNet, ConvPool, FullyConnected
 from .wrn import WideResNet
 
 _REGISTRY: dict[str, Callable[..., SplitModel]] = {}
@@ -37,6 +38,7 @@ register_model(r"wrn-(\d+)-(\d+)", lambda d, k, num_classes, split="1", **kw:
                WideResNet(int(d), int(k), num_classes, split, **kw))
 for _name in _LAYOUTS:
     register_model(_name, lambda num_classes, split="1", _n=_name, **kw: ResNet(_n, num_classes, split, **kw))
+register_model("alexnet", lambda num_classes, split="1", **kw: AlexNet(num_classes, split, **kw))
 
 
 def list_models() -> list[str]:
@@ -57,4 +59,4 @@ def build_model(arch: str, num_classes: int, split="1", **kwargs) -> SplitModel:
 
 __all__ = ["build_model", "register_model", "list_models", "SplitModel", "SplitGraph", "LayerSpec",
            "ChannelSetSpec", "CLASSES", "SplitBlock", "WideBasic", "BasicBlock", "Bottleneck",
-           "ResNet", "WideResNet"]
+           "ResNet", "WideResNet", "AlexNet", "ConvPool", "FullyConnected"]

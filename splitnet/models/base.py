@@ -68,6 +68,7 @@ class SplitModel(nn.Module):
     """
 
     arch: str = "?"
+    min_input_size: int = 1  # the smallest image side the network can take (AlexNet's pooling needs 63)
     stage_names: tuple[str, ...] = ()
     head_norm_name: str | None = None  # attribute holding the BatchNorm on the final features, if any
 
@@ -181,9 +182,24 @@ class SplitModel(nn.Module):
         return self.fc(x)
 
     # -- parameters -----------------------------------------------------------------------------
+    def to_torchvision(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Own state-dict names and shapes -> torchvision's (the same for the ResNets; AlexNet
+        holds its fully connected layers as convolutions)."""
+        return state
+
+    def from_torchvision(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """torchvision's state-dict names and shapes -> own (the inverse of :meth:`to_torchvision`)."""
+        return state
+
+    @property
+    def classifier_key(self) -> str:
+        """The classifier's prefix in :meth:`backbone_state_dict` (``fc.``; AlexNet: ``classifier.6.``)."""
+        return next(iter(self.to_torchvision({"fc.weight": self.fc.weight}))).rsplit("weight", 1)[0]
+
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict without the assignments (what a torchvision model would hold)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("assignments.")}
+        """The state dict without the assignments, in torchvision's names and shapes (what the
+        torchvision model of the same architecture holds and loads)."""
+        return self.to_torchvision({k: v for k, v in self.state_dict().items() if not k.startswith("assignments.")})
 
     def load_backbone_state_dict(self, state_dict: dict[str, torch.Tensor], skip_fc_mismatch: bool = True) -> list[str]:
         """Load backbone weights (e.g. a torchvision checkpoint) and keep the assignments.
@@ -193,12 +209,13 @@ class SplitModel(nn.Module):
         Raises ``ValueError`` naming any other missing, unexpected or mis-shaped key.
         """
         own = self.backbone_state_dict()
+        classifier = self.classifier_key
         skipped, problems = [], []
         for key, value in state_dict.items():
             if key not in own:
                 problems.append(f"unexpected key {key}")
             elif tuple(own[key].shape) != tuple(value.shape):
-                if skip_fc_mismatch and key.startswith("fc."):
+                if skip_fc_mismatch and key.startswith(classifier):
                     skipped.append(key)
                 else:
                     problems.append(f"{key}: shape {tuple(value.shape)} in checkpoint, {tuple(own[key].shape)} in model")
@@ -207,7 +224,7 @@ class SplitModel(nn.Module):
         if problems:
             raise ValueError(f"checkpoint does not fit {self.arch}: " + "; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-        load = {k: v for k, v in state_dict.items() if k not in skipped}
+        load = self.from_torchvision({k: v for k, v in state_dict.items() if k not in skipped})
         self.load_state_dict(load, strict=False)
         return skipped
 

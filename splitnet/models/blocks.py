@@ -61,7 +61,7 @@ class SplitBlock(nn.Module):
     def sliced(self, idx: dict[str, torch.Tensor]) -> "SplitBlock":
         """A new block keeping channels ``idx[role]`` of every role (1-D LongTensors, sorted).
 
-        Weights are sliced (``W[out_idx][:, in_idx]``), BatchNorm affine parameters and running
+        Weights are sliced (``W[out_idx][:, in_idx]``, a bias ``b[out_idx]``), BatchNorm affine parameters and running
         statistics are sliced, not re-initialized. Works on the ``meta`` device too.
         """
         counts = {role: int(idx[role].numel()) for role in self.roles}
@@ -72,6 +72,9 @@ class SplitBlock(nn.Module):
         for name, layer, in_role, out_role in self.split_layers():
             w = layer.weight.index_select(0, idx[out_role].to(device)).index_select(1, idx[in_role].to(device))
             new_layers[name].weight = nn.Parameter(w.clone(), requires_grad=layer.weight.requires_grad)
+            if layer.bias is not None:  # a bias belongs to its output channel
+                b = layer.bias.index_select(0, idx[out_role].to(device))
+                new_layers[name].bias = nn.Parameter(b.clone(), requires_grad=layer.bias.requires_grad)
         new_norms = dict((name, bn) for name, bn, _ in new.norms())
         for name, bn, role in self.norms():
             slice_norm_(new_norms[name], bn, idx[role])

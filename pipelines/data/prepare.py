@@ -190,6 +190,8 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
             select_classes(src, list(classes))
     except (ValueError, OSError) as e:  # LayoutError and the parents file's errors are one line each
         raise PrepareError(str(e)) from None
+    for note in src.notes:
+        log(f"prepare: {note}")
     for warning in src.warnings:
         log(f"prepare: warning: {warning}")
     if parents:

@@ -3,7 +3,9 @@
 Sources (read as they are): a CIFAR-100 folder (``train.npz`` / ``test.npz``), an ImageFolder tree
 (``root/<class>/*.jpg``), an ImageFolder tree per split (``root/train/<class>/*.jpg`` next to
 ``root/val/`` or ``root/validation/`` and/or ``root/test/``), or a folder of per-synset tars
-(``n01440764.tar`` holding ``n01440764_<id>.JPEG``, the official ImageNet-22K release). Each is
+(``n01440764.tar`` holding ``n01440764_<id>.JPEG``, the official ImageNet-22K release), or an
+ILSVRC-2012 release as downloaded (the official tars with the devkit, or Kaggle's copy:
+:mod:`pipelines.data.ilsvrc`). Each is
 listed as :class:`Item` references (no image bytes) so a shard plan can be made and shuffled
 before anything is read.
 
@@ -55,12 +57,13 @@ class Item:
 
 @dataclass
 class Source:
-    kind: str                 # "cifar100", "imagefolder", "imagefolder-splits", "synset-tars"
+    kind: str                 # "cifar100", "imagefolder", "imagefolder-splits", "synset-tars", "ilsvrc2012[-kaggle]"
     root: str
     classes: list[str]        # class names or wnids, index = label
     items: dict[str, list[Item]]  # split -> items
     parents: list[str] | None = None  # e.g. CIFAR superclass names
     warnings: list[str] = field(default_factory=list)  # one line each: what was skipped or is missing
+    notes: list[str] = field(default_factory=list)     # one line each: how the layout was read (labels' origin)
 
 
 class LayoutError(ValueError):
@@ -120,6 +123,12 @@ def detect(root: str | os.PathLike) -> str:
         raise ValueError(f"{root}: not a folder")
     if (root / "train.npz").is_file():
         return "cifar100"
+    from .ilsvrc import is_kaggle, is_release
+
+    if is_release(root):
+        return "ilsvrc2012"
+    if is_kaggle(root):
+        return "ilsvrc2012-kaggle"
     names = sorted(p.name for p in root.iterdir())
     if any(n.endswith(".tar") and n[:1] == "n" and n[1:9].isdigit() for n in names):
         return "synset-tars"
@@ -129,8 +138,9 @@ def detect(root: str | os.PathLike) -> str:
     if images:
         raise LayoutError(f"{root}: images ({images[0].name}) but no class folders: an ImageFolder tree holds "
                           f"{root}/<class>/*.jpg (or {root}/train/<class>/*.jpg)")
-    raise ValueError(f"{root}: not a CIFAR-100 folder (train.npz), an ImageFolder tree (<class>/ subfolders) "
-                     "or a folder of per-synset nXXXXXXXX.tar files")
+    raise ValueError(f"{root}: not a CIFAR-100 folder (train.npz), an ImageFolder tree (<class>/ subfolders), "
+                     "a folder of per-synset nXXXXXXXX.tar files or an ILSVRC2012 release (ILSVRC2012_img_train.tar, "
+                     "or Kaggle's ILSVRC/Data/CLS-LOC)")
 
 
 def source_splits(root: str | os.PathLike) -> list[str]:
@@ -142,6 +152,10 @@ def source_splits(root: str | os.PathLike) -> list[str]:
         return [s for s in ("train", "test") if (root / f"{s}.npz").is_file()]
     if kind == "imagefolder-splits":
         return list(_split_folders(root))
+    if kind.startswith("ilsvrc2012"):
+        from .ilsvrc import release_splits
+
+        return release_splits(root)
     return ["train"]
 
 
@@ -252,6 +266,10 @@ def list_source(root: str | os.PathLike) -> Source:
         return Source(kind, str(root), classes, items, parents)
     if kind == "imagefolder-splits":
         return _list_split_folders(root)
+    if kind in ("ilsvrc2012", "ilsvrc2012-kaggle"):
+        from .ilsvrc import list_kaggle, list_release
+
+        return list_release(root) if kind == "ilsvrc2012" else list_kaggle(root)
     if kind == "imagefolder":
         files, skipped = list_class_folders(root)
         classes = sorted(files)

@@ -1,13 +1,18 @@
-"""Generated ImageNet-22K-style data for rehearsals: real WordNet wnids, JPEGs, the real layouts.
+"""Generated ImageNet-style data for rehearsals: real WordNet wnids, JPEGs, the real layouts.
 
     python -m pipelines.data.synthetic OUT --classes 21841 --per-class 2 --size 48 --layout synset-tars
     python -m pipelines.data.synthetic OUT --classes 21841 --per-class 1 --layout webdataset
+    python -m pipelines.data.synthetic OUT --classes 1000 --per-class 2 --layout ilsvrc2012
 
 ``synset-tars`` writes the official release layout (DATA.md): ``OUT/nXXXXXXXX.tar`` holding
 ``nXXXXXXXX_<i>.JPEG``, which ``splitnet prepare OUT --out SHARDS --format webdataset`` converts.
 ``webdataset`` writes shards as clusters hold them and ``splitnet run`` reads directly:
 ``OUT/train-00000.tar`` ... (``<key>.jpg`` + ``<key>.cls`` + ``<key>.json``, samples shuffled
-over the shards) with ``classes.json`` / ``classes.tsv`` next to them.
+over the shards) with ``classes.json`` / ``classes.tsv`` next to them. ``ilsvrc2012`` writes the
+ILSVRC-2012 release as downloaded (``ILSVRC2012_img_train.tar`` of per-synset tars,
+``ILSVRC2012_img_val.tar``, the devkit with its ground truth and ``meta.mat``); ``ilsvrc2012-kaggle``
+Kaggle's copy (``ILSVRC/Data/CLS-LOC/``, ``LOC_val_solution.csv``). The 1,000 classes are chosen as
+below (the real ILSVRC list is not on these machines).
 
 Classes. ImageNet-22K's classes are 21,841 WordNet 3.0 noun synsets; the fall11 list itself is
 not on these machines, so :func:`choose_wnids` picks real synsets deterministically: the
@@ -38,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 PHYSICAL_ENTITY = "n00001930"
-LAYOUTS = ("synset-tars", "webdataset")
+LAYOUTS = ("synset-tars", "webdataset", "ilsvrc2012", "ilsvrc2012-kaggle")
 
 
 @lru_cache(maxsize=2)
@@ -130,14 +135,78 @@ def _add(tf: tarfile.TarFile, name: str, payload: bytes) -> None:
     tf.addfile(info, io.BytesIO(payload))
 
 
+def _ilsvrc2012(out: Path, wnids: list[str], painter: "Painter", per_class: int, val_per_class: int, kaggle: bool,
+               seed: int) -> tuple[int, int]:
+    """An ILSVRC-2012 release as users download it (:mod:`pipelines.data.ilsvrc`); returns (files, bytes).
+
+    Official: ``ILSVRC2012_img_train.tar`` (per-synset tars inside), ``ILSVRC2012_img_val.tar`` (flat),
+    ``ILSVRC2012_devkit_t12.tar.gz`` (ground truth by ILSVRC2012_ID, and ``meta.mat`` mapping the IDs,
+    given in a shuffled order as in the real devkit, to wnids, with parent synsets among them).
+    Kaggle: ``ILSVRC/Data/CLS-LOC/{train/<wnid>,val}/`` and ``LOC_val_solution.csv``."""
+    rng = np.random.default_rng([seed, 2012])
+    nbytes, files = 0, 0
+    val_labels = rng.permutation(np.repeat(np.arange(len(wnids)), val_per_class)).tolist()
+    if kaggle:
+        data = out / "ILSVRC" / "Data" / "CLS-LOC"
+        for label, wnid in enumerate(wnids):
+            folder = data / "train" / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                jpeg = painter.jpeg(label, i)
+                (folder / f"{wnid}_{i}.JPEG").write_bytes(jpeg)
+                nbytes += len(jpeg)
+        (data / "val").mkdir(parents=True, exist_ok=True)
+        rows = ["ImageId,PredictionString"]
+        for k, label in enumerate(val_labels, 1):
+            jpeg = painter.jpeg(label, per_class + k)
+            (data / "val" / f"ILSVRC2012_val_{k:08d}.JPEG").write_bytes(jpeg)
+            nbytes += len(jpeg)
+            rows.append(f"ILSVRC2012_val_{k:08d},{wnids[label]} 10 10 40 40 {wnids[label]} 5 5 20 20")
+        (out / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+        (out / "LOC_synset_mapping.txt").write_text("".join(f"{w} {w}\n" for w in wnids))
+        return len(wnids) * per_class + len(val_labels) + 2, nbytes
+    from scipy.io import savemat
+
+    with tarfile.open(out / "ILSVRC2012_img_train.tar.tmp", "w") as outer:
+        for label, wnid in enumerate(wnids):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tf:
+                for i in range(per_class):
+                    jpeg = painter.jpeg(label, i)
+                    _add(tf, f"{wnid}_{i}.JPEG", jpeg)
+                    nbytes += len(jpeg)
+            _add(outer, f"{wnid}.tar", inner.getvalue())
+    os.replace(out / "ILSVRC2012_img_train.tar.tmp", out / "ILSVRC2012_img_train.tar")
+    with tarfile.open(out / "ILSVRC2012_img_val.tar.tmp", "w") as tf:
+        for k, label in enumerate(val_labels, 1):
+            jpeg = painter.jpeg(label, per_class + k)
+            _add(tf, f"ILSVRC2012_val_{k:08d}.JPEG", jpeg)
+            nbytes += len(jpeg)
+    os.replace(out / "ILSVRC2012_img_val.tar.tmp", out / "ILSVRC2012_img_val.tar")
+    ids = rng.permutation(len(wnids)) + 1  # ILSVRC2012_ID of each class: not in wnid order
+    fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("gloss", "O"), ("num_children", "O"),
+              ("children", "O"), ("wordnet_height", "O"), ("num_train_images", "O")]
+    synsets = [(int(ids[label]), wnid, wnid, "", 0, np.zeros((1, 0)), 0, per_class) for label, wnid in enumerate(wnids)]
+    synsets += [(len(wnids) + 1, "n00001740", "entity", "", 2, np.array([1, 2]), 18, 0)]  # a parent: not a class
+    meta = io.BytesIO()
+    savemat(meta, {"synsets": np.array(synsets, dtype=fields).reshape(-1, 1)})
+    truth = "".join(f"{ids[label]}\n" for label in val_labels).encode()
+    with tarfile.open(out / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
+        _add(tf, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+        _add(tf, "ILSVRC2012_devkit_t12/data/meta.mat", meta.getvalue())
+        _add(tf, "ILSVRC2012_devkit_t12/readme.txt", b"synthetic development kit\n")
+    return 3, nbytes
+
+
 def generate(out: str | os.PathLike, classes: int = 21841, per_class: int = 2, size: int = 48,
              layout: str = "synset-tars", shard_size: int = 1000, seed: int = 0, wordnet_path: str | None = None,
-             log=print) -> dict:
-    """Write the dataset under ``out`` (created); returns a summary (also ``out/synthetic.json``)."""
+             log=print, val_per_class: int = 1) -> dict:
+    """Write the dataset under ``out`` (created); returns a summary (also ``out/synthetic.json``).
+    ``val_per_class``: validation images per class of the ILSVRC-2012 layouts."""
     if layout not in LAYOUTS:
         raise ValueError(f"--layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    if per_class < 1 or size < 8 or shard_size < 1:
-        raise ValueError("--per-class and --shard-size must be >= 1, --size >= 8")
+    if per_class < 1 or size < 8 or shard_size < 1 or val_per_class < 1:
+        raise ValueError("--per-class, --val-per-class and --shard-size must be >= 1, --size >= 8")
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +222,9 @@ def generate(out: str | os.PathLike, classes: int = 21841, per_class: int = 2, s
                     nbytes += len(data)
             os.replace(out / f"{wnid}.tar.tmp", out / f"{wnid}.tar")
         files = len(wnids)
+    elif layout.startswith("ilsvrc2012"):
+        files, nbytes = _ilsvrc2012(out, wnids, painter, per_class, val_per_class, kaggle=layout.endswith("kaggle"),
+                                    seed=seed)
     else:
         from .sources import write_class_table
 
@@ -171,7 +243,9 @@ def generate(out: str | os.PathLike, classes: int = 21841, per_class: int = 2, s
             os.replace(out / f"train-{s:05d}.tar.tmp", out / f"train-{s:05d}.tar")
         write_class_table(out, wnids)
         files = len(chunks)
-    summary = {"layout": layout, "classes": len(wnids), "per_class": per_class, "images": len(wnids) * per_class,
+    val_images = len(wnids) * val_per_class if layout.startswith("ilsvrc2012") else 0
+    summary = {"layout": layout, "classes": len(wnids), "per_class": per_class,
+               "images": len(wnids) * per_class + val_images, "val_images": val_images,
                "size": size, "seed": seed, "files": files, "image_bytes": nbytes,
                "selection": "non-instance hyponyms of physical_entity (n00001930), by offset, evenly spaced",
                "seconds": round(time.perf_counter() - t0, 2)}
@@ -189,12 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=2, help="images per class")
     p.add_argument("--size", type=int, default=48, help="image side in pixels")
     p.add_argument("--layout", default="synset-tars", choices=LAYOUTS,
-                   help="synset-tars: nXXXXXXXX.tar per class (the official release); webdataset: train-*.tar shards")
+                   help="synset-tars: nXXXXXXXX.tar per class (the official ImageNet-22K release); webdataset: "
+                        "train-*.tar shards; ilsvrc2012: the ILSVRC-2012 tars and devkit; ilsvrc2012-kaggle: Kaggle's copy")
+    p.add_argument("--val-per-class", type=int, default=1, help="ilsvrc2012 layouts: validation images per class")
     p.add_argument("--shard-size", type=int, default=1000, help="webdataset: samples per shard")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        generate(args.out, args.classes, args.per_class, args.size, args.layout, args.shard_size, args.seed)
+        generate(args.out, args.classes, args.per_class, args.size, args.layout, args.shard_size, args.seed,
+                 val_per_class=args.val_per_class)
     except (ValueError, FileNotFoundError) as e:
         print(f"synthetic: error: {e}", file=sys.stderr)
         return 2

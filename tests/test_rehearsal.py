@@ -11,40 +11,23 @@ direct WebDataset layout (shards as clusters hold them, with .json members) is r
 """
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from rehearse import env as _env, post as _post, served, splitnet as _splitnet, vm_hwm_bytes as _vm_hwm_bytes
 
 CLASSES = 21841
 IN22K = ROOT / "pipelines/configs/imagenet22k-resnet50.yaml"
 REHEARSAL = ROOT / "pipelines/configs/rehearsal-cpu.yaml"
 STAGES = ("prepare", "group", "cut", "finetune", "evaluate", "report")  # baseline: disabled in the recipe
-
-
-def _env(ray_cluster) -> dict:
-    return {**os.environ, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "SPLITNET_PROGRESS": "0", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "MPLBACKEND": "Agg",
-            "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-
-
-def _splitnet(*args, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"splitnet {args[0]} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -152,41 +135,15 @@ def test_report_has_wordnet_coherence_vs_random(rehearsal):
           f"{sem['random_nmi_std']:.4f})")
 
 
-def _post(url: str, body: bytes, timeout: float = 120):
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/jpeg"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def _vm_hwm_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for pid {pid}")
-
-
 def test_splitnet_serve_answers_with_wnids(rehearsal, ray_cluster):
-    from ray import serve
-    from ray.serve.context import _get_global_client
     from ray.util.state import list_actors
 
     from splitnet.wordnet import is_wnid
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    started_here = client is None  # Serve's HTTP port is fixed once it runs: use the session's, or start and stop ours
-    port = free_port() if started_here else client.http_config.port
-    env = _env(ray_cluster)
-    try:
-        out = _splitnet("serve", rehearsal["run_dir"], "--address", env["RAY_ADDRESS"], "--name", "in22k",
-                        "--route-prefix", "/in22k", "--port", port, "--trunk-cpus", "0.1", "--subtree-cpus", "0.1",
-                        env=env, timeout=600)
-        assert f"at http://127.0.0.1:{port}/in22k" in out.stdout
+    with served(ray_cluster, rehearsal["run_dir"], "in22k") as url:
         with tarfile.open(sorted((rehearsal["root"] / "tars").glob("n*.tar"))[7]) as tf:
             jpeg = tf.extractfile(tf.getmembers()[0]).read()
-        status, answer = _post(f"http://127.0.0.1:{port}/in22k/predict?top_k=5", jpeg)
+        status, answer = _post(f"{url}/predict?top_k=5", jpeg)
         assert status == 200, answer
         top = answer["predictions"][0]["top_k"]
         assert len(top) == 5 and all(is_wnid(p["name"]) for p in top)
@@ -194,7 +151,7 @@ def test_splitnet_serve_answers_with_wnids(rehearsal, ray_cluster):
         manifest = yaml.load((rehearsal["run_dir"] / "tree" / "manifest.yaml").read_text(), Loader=yaml.CSafeLoader)
         owned = manifest["subtrees"][2]["classes"][:2]  # a narrower question: only their subtree runs
         names = ",".join(manifest["class_names"][c] for c in owned)
-        status, answer = _post(f"http://127.0.0.1:{port}/in22k/predict?classes={names}", jpeg)
+        status, answer = _post(f"{url}/predict?classes={names}", jpeg)
         assert status == 200 and answer["subtrees_called"] == ["subtree-2"], answer
         assert {p["name"] for p in answer["predictions"][0]["top_k"]} == set(names.split(","))
         replicas = {}
@@ -208,12 +165,6 @@ def test_splitnet_serve_answers_with_wnids(rehearsal, ray_cluster):
             assert files[g] < peak < 3 * 2**30, (g, peak)
         print("\nsubtree replica peak RSS (VmHWM): " + ", ".join(
             f"subtree-{g} {peak / 2**20:.0f} MiB (weights {files[g] / 2**20:.0f} MiB)" for g, peak in replicas.items()))
-    finally:
-        try:
-            serve.delete("in22k")
-        finally:
-            if started_here:
-                serve.shutdown()
 
 
 def test_a_direct_webdataset_source_is_read_as_it_is(ray_cluster, tmp_path, monkeypatch):

@@ -383,8 +383,9 @@ def test_file_order_is_reshuffled_every_epoch_and_reproducible_from_the_seed(ray
     ctx.execution_options.preserve_order = True
     try:
         def orders(seed, epochs):
+            # decode tasks, not an actor per execution: the order is the read's (FileShuffleConfig) either way
             ds = read_dataset(str(tmp_path), decode=DecodeConfig(image_size=32, train=False), seed=seed,
-                              batch_size=4, concurrency=1, num_cpus=0.25, log_name=None)
+                              batch_size=4, concurrency=1, num_cpus=0.25, log_name=None, tasks=True)
             out = []
             for _ in range(epochs):
                 labels = [int(x) for b in ds.iter_batches(batch_size=4) for x in b["label"]]

@@ -2,28 +2,32 @@
 
     python -m pipelines.data.synthetic RELEASE --classes 1000 --per-class 2 --layout ilsvrc2012
     splitnet prepare RELEASE --out WDS --format webdataset        (the official tars + the devkit)
-    splitnet run pipelines/configs/ilsvrc2012-alexnet.yaml pipelines/configs/rehearsal-ilsvrc2012-cpu.yaml data.source=WDS
+    ray start --head ...
+    ray job submit --working-dir . -- splitnet run pipelines/configs/ilsvrc2012-alexnet.yaml \
+        pipelines/configs/rehearsal-ilsvrc2012-cpu.yaml data.source=WDS run_dir=RUN_DIR
     splitnet serve RUN_DIR ...
 
 on a generated release of 1,000 WordNet classes (two small JPEGs per class, one validation image
-per class labelled through the devkit), AlexNet at 72 px for a few steps per stage against the
-session's Ray: fc6, fc7 and fc8 cut into 2 subtrees, the tree served, answering with wnids.
+per class labelled through the devkit), AlexNet at 72 px for a few steps per stage: fc6, fc7 and
+fc8 cut into 2 subtrees, the tree served on the session's Ray, answering with wnids. The run is
+a Ray job submitted to a `ray start` cluster, the way the README and the recipe launch it: the
+job joins that cluster instead of starting its own.
 """
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import time
 
 import pytest
 import yaml
 
-from conftest import ROOT
-from rehearse import env, post, served, splitnet
+from rehearse import RayStartHead, env, post, served, splitnet
 
 CLASSES = 1000
-RECIPE = ROOT / "pipelines/configs/ilsvrc2012-alexnet.yaml"
-REHEARSAL = ROOT / "pipelines/configs/rehearsal-ilsvrc2012-cpu.yaml"
+RECIPE = "pipelines/configs/ilsvrc2012-alexnet.yaml"
+REHEARSAL = "pipelines/configs/rehearsal-ilsvrc2012-cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +45,22 @@ def rehearsal(ray_cluster, tmp_path_factory):
     prepare_s = time.perf_counter() - t0
     run_dir = root / "run"
     t0 = time.perf_counter()
-    r = splitnet("run", RECIPE, REHEARSAL, f"data.source={root / 'wds'}", f"run_dir={run_dir}", env=e, timeout=1200)
+    with RayStartHead(root, e) as head:
+        logs, status = head.submit(f"splitnet-ilsvrc-{os.getpid()}", [
+            "splitnet", "run", RECIPE, REHEARSAL, f"data.source={root / 'wds'}", f"run_dir={run_dir}"], timeout=1200)
+        assert "succeeded" in status.lower() and head.alive(), logs[-3000:] + status
     run_s = time.perf_counter() - t0
     print(f"\nILSVRC-2012 rehearsal: generate {generate_s:.1f} s, splitnet prepare {prepare_s:.1f} s, "
-          f"splitnet run {run_s:.1f} s")
-    yield {"root": root, "run_dir": run_dir, "log": r.stdout + r.stderr, "prepare_log": prepared.stdout}
+          f"ray start + ray job submit splitnet run {run_s:.1f} s")
+    yield {"root": root, "run_dir": run_dir, "log": logs, "prepare_log": prepared.stdout}
+
+
+def test_the_job_joined_the_cluster_it_was_submitted_to(rehearsal):
+    # the header says which Ray it runs on: the `ray start` cluster's, not a local one of its own
+    assert "; Ray cluster " in rehearsal["log"] and "; a local Ray" not in rehearsal["log"], rehearsal["log"][:2000]
+    assert "done in" in rehearsal["log"]
+    saved = yaml.safe_load((rehearsal["run_dir"] / "config.yaml").read_text())
+    assert saved["run_dir"] == str(rehearsal["run_dir"]) and saved["model"]["arch"] == "alexnet"
 
 
 def test_prepare_reads_the_release_with_the_devkits_labels(rehearsal):

@@ -30,11 +30,28 @@ from .base import SplitModel
 from .blocks import SplitBlock, _maybe_drop
 
 
-class ConvPool(SplitBlock):
+class _OneLayer(SplitBlock):
+    """A block with one split layer from ``in`` to ``out`` (attribute ``layer``), no BatchNorm."""
+
+    roles = ("in", "out")
+    layer = ""
+
+    @property
+    def tied(self) -> bool:
+        return False
+
+    def split_layers(self):
+        return [(self.layer, getattr(self, self.layer), "in", "out")]
+
+    def norms(self):
+        return []
+
+
+class ConvPool(_OneLayer):
     """A convolution + ReLU, then AlexNet's max-pool (3, stride 2) and its adaptive average pool
     to ``pool`` x ``pool`` (conv5 of AlexNet)."""
 
-    roles = ("in", "out")
+    layer = "conv"
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, projection: bool | None = None, dropout: float = 0.0,
                  *, kernel: int = 3, padding: int = 1, pool: int = 6):
@@ -47,16 +64,6 @@ class ConvPool(SplitBlock):
         self.avgpool = nn.AdaptiveAvgPool2d(pool)
         self.drop = nn.Dropout(dropout) if dropout > 0 else None
 
-    @property
-    def tied(self) -> bool:
-        return False
-
-    def split_layers(self):
-        return [("conv", self.conv, "in", "out")]
-
-    def norms(self):
-        return []
-
     def _ctor_kwargs(self, counts: dict[str, int]) -> dict:
         return {**super()._ctor_kwargs(counts), "kernel": self.kernel, "padding": self.padding, "pool": self.pool_size}
 
@@ -64,11 +71,11 @@ class ConvPool(SplitBlock):
         return self.avgpool(self.maxpool(self.relu(self.conv(_maybe_drop(self.drop, x)))))
 
 
-class FullyConnected(SplitBlock):
+class FullyConnected(_OneLayer):
     """Dropout, a fully connected layer over the whole ``kernel`` x ``kernel`` input map (held as a
     convolution with that kernel: [B, C, k, k] -> [B, out, 1, 1]), ReLU: fc6 and fc7 of AlexNet."""
 
-    roles = ("in", "out")
+    layer = "fc"
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, projection: bool | None = None, dropout: float = 0.0,
                  *, kernel: int = 1, p: float = 0.5):
@@ -79,16 +86,6 @@ class FullyConnected(SplitBlock):
         self.fc = nn.Conv2d(in_ch, out_ch, kernel)
         self.relu = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(dropout) if dropout > 0 else None  # split_dropout, as in the residual blocks
-
-    @property
-    def tied(self) -> bool:
-        return False
-
-    def split_layers(self):
-        return [("fc", self.fc, "in", "out")]
-
-    def norms(self):
-        return []
 
     def _ctor_kwargs(self, counts: dict[str, int]) -> dict:
         return {**super()._ctor_kwargs(counts), "kernel": self.kernel, "p": self.p}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from splitnet.metrics import semantic_quality
+from splitnet.grouping import MIN_GROUP_SHARE
 from splitnet.tree import smallest_group_share
 
 from .config import PipelineConfig, to_dict
@@ -23,7 +24,7 @@ ACCURACY_GAP = 0.02          # finetuned tree within 2 points of the dense basel
 MIN_REDUCTION = 0.30         # >= 30% fewer parameters
 MAX_OFF_BLOCK = 0.01         # <= 1% of every split layer's weight energy dropped by the cut
 MAX_CUT_COST = 0.01          # the cut costs <= 1 point of top-1 against the grouped dense model
-MIN_GROUP_SHARE = 0.25       # every group keeps >= 25% of its balanced share of classes and channels
+# MIN_GROUP_SHARE (splitnet.grouping): every group keeps >= 25% of its balanced share of classes and channels
 NMI_SD = 3                   # class groups' NMI above random balanced groups' mean + 3 sd
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from pathlib import Path
 import torch
 
 from splitnet import build_model
-from splitnet.grouping import Grouping, GroupingSchedule, classifier_class_groups, init_class_assignment_
+from splitnet.grouping import (Grouping, GroupingSchedule, classifier_class_groups, collapse_warning, collapsing,
+                               init_class_assignment_)
 from splitnet.models import CLASSES
 from splitnet.precision import choose_precision
 from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
@@ -419,16 +419,25 @@ def train_loop(config: dict) -> None:
         progress["step_in_epoch"] = 0
         row = {"stage": stage, "epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_top5": val["top5"],
                "lr": opt.param_groups[0]["lr"]}
+        collapsed = {}
         if grouping is not None:
             energy = grouping.off_block_energy()
+            shares = grouping.group_shares()
             row.update(phase=grouping.phase(max(progress["global_step"] - 1, 0)), off_block_energy=energy,
-                       off_block=max(energy.values(), default=0.0))
+                       off_block=max(energy.values(), default=0.0), group_shares=shares)
+            if shares:
+                row["smallest_group_set"], row["smallest_group"] = min(shares.items(), key=lambda kv: kv[1])
+            collapsed = {k: v for k, v in collapsing(shares).items() if k not in progress.setdefault("collapse_warned", [])}
         progress["history"].append(row)
         elapsed = time.perf_counter() - stage_start
         done_epochs = progress["epoch"] - first_epoch
         eta = elapsed / done_epochs * (st.epochs - progress["epoch"]) if done_epochs else None
         if rank == 0:
             say(format_epoch(stage, epoch + 1, st.epochs, row, val, eta_s=eta))
+            if collapsed:  # seen while grouping, said once per set: not first discovered by the cut
+                say(collapse_warning(stage, epoch + 1, collapsed, row["phase"]))
+        if collapsed:
+            progress["collapse_warned"] += sorted(collapsed)
         report(row, True)
 
     if steps_shown is not None:

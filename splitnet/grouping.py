@@ -36,6 +36,7 @@ from .models.base import SplitModel
 from .regularizers import RegularizerWeights, init_std, regularizer_terms
 
 METHODS = ("reference", "staged")
+MIN_GROUP_SHARE = 0.25  # a group under a quarter of its balanced size is collapsing (the report's balance check)
 
 
 @dataclass
@@ -338,6 +339,20 @@ class Grouping:
         if step + 1 >= self.total:
             self.prox.project()
 
+    @torch.no_grad()
+    def group_shares(self) -> dict[str, float]:
+        """Every learned set's smallest group as a share of its balanced size (1.0: balanced, 0: an
+        empty group), from the argmax of the soft assignments as they are: no minimum-size move
+        hides a collapse. Fixed at what the sparsify phase fixed once it has."""
+        from .tree import smallest_group_share
+
+        if self.hard is not None:
+            sizes = self.hard.group_sizes()
+        else:
+            sizes = {name: torch.bincount(q.argmax(0).cpu(), minlength=q.shape[0]).tolist()
+                     for name, q in self.model.assignments.learned()}
+        return {name: smallest_group_share({name: counts})[0] for name, counts in sizes.items()}
+
     def off_block_energy(self) -> dict[str, float]:
         """Off-block energy per split layer under the current hard assignment (fixed while sparsifying).
         Before the sparsify phase fixes it, the argmax is taken quietly: this is a measurement, and
@@ -346,6 +361,22 @@ class Grouping:
 
         hard = self.hard if self.hard is not None else hard_assignment(self.model, *self.minimum, quiet=True)
         return off_block_energy(self.model, hard)
+
+
+def collapsing(shares: dict[str, float], floor: float = MIN_GROUP_SHARE) -> dict[str, float]:
+    """The sets of ``shares`` (:meth:`Grouping.group_shares`) whose smallest group is under ``floor``."""
+    return {name: share for name, share in shares.items() if share < floor}
+
+
+def collapse_warning(stage: str, epoch: int, collapsed: dict[str, float], phase: str) -> str:
+    """One line when groups collapse during grouping, before any cut: which sets, how small, what to do."""
+    worst = sorted(collapsed.items(), key=lambda kv: kv[1])
+    listed = ", ".join(f"{name} {share:.0%}" for name, share in worst[:3]) + (
+        f" and {len(worst) - 3} more" if len(worst) > 3 else "")
+    when = "the sparsify phase fixed them so: the cut will move members to fill" if phase == "sparsify" else \
+        "still learning: they may recover before the sparsify phase fixes them"
+    return (f"[{stage}] warning: epoch {epoch}: groups collapsing, the smallest group of {listed} of its balanced "
+            f"size (floor {MIN_GROUP_SHARE:.0%}); {when} (lower group.assignment_lr_mult or raise group.balance)")
 
 
 # -- where the class groups start ----------------------------------------------------------------

@@ -176,7 +176,9 @@ def format_epoch(stage: str, epoch: int, epochs: int, stats: dict, val: dict | N
     """One progress line: ``[group] epoch 3/10 | loss 2.91 | ce 2.41 | acc 0.38 | ... | 812 img/s``.
 
     While grouping, ``stats`` may also hold ``phase`` and ``off_block`` (the largest off-block
-    energy fraction of any split layer), printed after the regularizer terms.
+    energy fraction of any split layer), printed after the regularizer terms, and
+    ``smallest_group`` / ``smallest_group_set``, printed when a group is collapsing (under 25% of
+    its balanced size).
     """
     parts = [f"[{stage}] epoch {epoch}/{epochs}", f"loss {stats['loss']:.3f}", f"ce {stats['ce']:.3f}",
              f"acc {stats['acc']:.3f}"]
@@ -187,6 +189,8 @@ def format_epoch(stage: str, epoch: int, epochs: int, stats: dict, val: dict | N
         parts.append(f"phase {stats['phase']}")
     if "off_block" in stats:
         parts.append(f"off-block {stats['off_block']:.2%}")
+    if stats.get("smallest_group") is not None and stats["smallest_group"] < 0.25:  # grouping.MIN_GROUP_SHARE
+        parts.append(f"smallest group {stats['smallest_group']:.0%} ({stats.get('smallest_group_set', '?')})")
     if val:
         parts.append(f"val top1 {val['top1']:.3f}")
     parts.append(f"{stats['images_per_s']:.0f} img/s")

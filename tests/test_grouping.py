@@ -69,6 +69,45 @@ def test_per_epoch_energy_measures_an_empty_group_quietly_and_the_cut_still_says
         assert any("1 members moved" in r.getMessage() for r in caplog.records)  # the second, loud call
 
 
+def test_a_collapsing_group_is_said_while_grouping_not_first_by_the_cut():
+    """The argmax of the soft assignments as they are, every epoch: a set whose smallest group fell
+    under a quarter of its balanced size shows in the epoch line and in one warning line, whether
+    the minimum-size rule would later hide it by moving members."""
+    from splitnet.grouping import MIN_GROUP_SHARE, collapse_warning, collapsing
+    from splitnet.train import format_epoch
+
+    model = randomize(build_model("wrn-10-1", 4, "2-2-2"))
+    name = next(n for n in model.assignments.names() if n != "classes")
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.2, 0.4), 10)
+    with torch.no_grad():
+        logit = model.assignments.logit(name)
+        size = logit.shape[1]
+        logit.zero_()
+        logit[0] = 5.0
+        logit[1, :size // 10] = 10.0  # a tenth of the channels in group 1: ~20% of its balanced half
+    shares = grouping.group_shares()
+    assert set(shares) == set(model.assignments.names())
+    assert shares[name] == pytest.approx((size // 10) / (size / 2)) and shares[name] < MIN_GROUP_SHARE
+    assert name in collapsing(shares)
+    line = collapse_warning("group", 2, collapsing(shares), "assign")
+    assert line.startswith(f"[group] warning: epoch 2: groups collapsing, the smallest group of {name} "
+                           f"{shares[name]:.0%} of its balanced size (floor 25%); still learning")
+    stats = {"loss": 1.0, "ce": 1.0, "acc": 0.5, "images_per_s": 10.0, "smallest_group": shares[name],
+             "smallest_group_set": name}
+    assert f"| smallest group {shares[name]:.0%} ({name}) |" in format_epoch("group", 2, 3, stats)
+    assert "smallest group" not in format_epoch("group", 2, 3, {**stats, "smallest_group": 0.9})
+    # once the sparsify phase fixed the groups, the shares are theirs (the minimum-size rule applied)
+    grouping._fix_hard()
+    assert grouping.group_shares()[name] == smallest_group_share_of(grouping.hard, name)
+    assert "the cut will move members" in collapse_warning("group", 3, {name: 0.1}, "sparsify")
+
+
+def smallest_group_share_of(hard, name):
+    from splitnet.tree import smallest_group_share
+
+    return smallest_group_share({name: hard.group_sizes()[name]})[0]
+
+
 def _row_segments(w, gin, gout):
     """Norm of every input's off-block row segment (its weights to the other group's outputs): [Din]."""
     e = w.detach().pow(2)

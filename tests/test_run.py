@@ -115,11 +115,22 @@ def _assert_complete_run(run_dir: Path, class_start: str | None = "baseline") ->
     assert set(energy) >= {"fc"} and all(0 <= v <= 1 for v in energy.values())
     assert {"off_block_energy", "cut_cost", "semantic_groups", "balanced_groups"} <= set(report["checks"])
     assert "## Grouping, epoch by epoch" in md and "off-block" in md
+    # every grouping epoch measured each learned set's smallest group (a collapse is said then, not at the cut)
+    history = state["stages"]["group"]["result"]["history"]
+    assert all(len(h["group_shares"]) >= 4 and all(0 <= v <= 1 for v in h["group_shares"].values()) for h in history)
     for pic in report["pictures"].values():
         assert (run_dir / pic).stat().st_size > 1000
     assert (run_dir / "bad_records.jsonl").exists() and (run_dir / "config.yaml").exists()
     assert (run_dir / "cut" / "manifest.yaml").exists() and (run_dir / "group" / "model.safetensors").exists()
     return state
+
+
+def _collapse_said_before_the_cut(run_dir: Path, output: str) -> None:
+    """Where the cut had to move members into a group (these tiny runs often collapse a channel
+    set), the grouping had said so in a warning line before the cut ran."""
+    moves = json.loads((run_dir / "report.json").read_text())["cut"]["moves"]
+    if moves:
+        assert "groups collapsing" in output.split("[cut]")[0], output[-3000:]
 
 
 def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, tmp_path, monkeypatch):
@@ -156,6 +167,7 @@ def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, t
     assert len({w["rank"] for w in group["workers"]}) == 2
     assert not state["stages"]["baseline"]["result"]["resumed"]
     assert any(line.startswith("done in") for line in logs)
+    _collapse_said_before_the_cut(run_dir, "\n".join(logs))
     # small images: decoded once for the whole run, the workers augment (data.cache, the default)
     assert sum("decoded once into Ray's object store" in line for line in logs) == 1
 
@@ -229,6 +241,7 @@ def test_interrupted_driver_resumes_on_rerun_and_prints_its_own_lines_only(ray_c
     assert sorted(set(group["class_start"])) == [0, 1] and len(group["class_start"]) == 20
     assert [h["epoch"] for h in state["stages"]["group"]["result"]["history"]] == [1, 2, 3]
     assert "| disjoint" in out  # the progress lines reach the driver
+    _collapse_said_before_the_cut(run_dir, (tmp_path / "first.log").read_text() + out)
 
     # only its own lines
     for noise in ("Traceback", "Warning", "TrainingReport(", "RayTrainWorker", "core_worker", "(pid=", "Running Dataset"):

@@ -1,0 +1,279 @@
+"""One grouping config over a matrix of class counts, splits and budgets (issue 26): does it give
+balanced, hardened, semantic groups everywhere, or only on the setting it was tuned on?
+
+In one process on the CPU (plain PyTorch, the data in memory, like method_quality.py):
+
+* **class subsets** of the real CIFAR-100 (``--subsets``): ``10`` / ``20`` / ``50`` / ``100`` classes
+  taken by superclass (the first 2, 4, 10, 20 superclasses' classes), ``r20`` 20 classes at random;
+* for each subset a **dense model** trained once (``--dense-epochs``) and kept in
+  ``--work`` (safetensors), reused by every cell of that subset;
+* **cells**: every split (``--splits``) x grouping budget in steps (``--budgets``). A cell starts the
+  split model from its subset's dense weights, the class groups from the dense classifier
+  (``assign_init: classifier``, as ``group.init: baseline`` does), and runs the grouping stage for
+  the budget with **one config**: the defaults of ``pipelines.config.GroupStageConfig`` unless
+  ``--set key=value`` changes them (the same keys as ``group.*``), then cuts.
+
+Per cell it records: each split layer's off-block energy at the end of the assign phase (before any
+proximal step) against its uniform level (1 - 1/G), the smallest group's share of balanced, the
+members the cut moved, the off-block energy at the cut, the cut's cost in points, class NMI vs the
+superclasses with random balanced groups' mean +- sd, grouped and cut top-1, and the issue's
+targets. Cells are written one JSON file each under ``--work`` as they finish: a killed run
+continues with the next cell not done. ``--out`` gets the whole matrix and a table is printed.
+
+    python benchmarks/grouping_matrix.py                                   # the full matrix (hours on 2 cores)
+    python benchmarks/grouping_matrix.py --subsets 20 --splits 2-2-2 --budgets 120 --per-class 100   # one cell
+    python benchmarks/grouping_matrix.py --set assignment_lr_mult=300 --work benchmarks/results/gm-x300
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from splitnet import build_model, cut  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from splitnet.datasets import CIFAR100_COARSE, ImageArrays, iterate_batches, load_cifar100  # noqa: E402
+from splitnet.grouping import (MIN_GROUP_SHARE, Grouping, GroupingSchedule, classifier_class_groups,  # noqa: E402
+                               init_class_assignment_, off_block_energy)
+from splitnet.metrics import semantic_quality  # noqa: E402
+from splitnet.models import CLASSES  # noqa: E402
+from splitnet.precision import choose_precision  # noqa: E402
+from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
+from splitnet.train import evaluate, train_one_epoch  # noqa: E402
+from splitnet.tree import hard_assignment, smallest_group_share  # noqa: E402
+
+SUPERCLASSES = sorted(set(CIFAR100_COARSE))  # coarse ids
+
+
+def select_classes(data: ImageArrays, classes: list[int]) -> ImageArrays:
+    """The images of ``classes`` (fine labels), relabelled 0..len(classes)-1 in that order."""
+    import numpy as np
+
+    index = {c: i for i, c in enumerate(classes)}
+    keep = np.isin(data.labels, classes)
+    labels = np.array([index[int(c)] for c in data.labels[keep]], dtype=np.int64)
+    return ImageArrays(data.images[keep], labels, [data.class_names[c] for c in classes])
+
+
+def subset_classes(name: str, seed: int) -> list[int]:
+    """CIFAR-100 fine labels of subset ``name``: ``N`` = the classes of the first N/5 superclasses
+    (sorted by name), ``rN`` = N classes at random."""
+    import random
+
+    if name.startswith("r"):
+        return sorted(random.Random(seed).sample(range(100), int(name[1:])))
+    count = int(name)
+    if count % 5:
+        raise ValueError(f"subset {name}: superclass subsets hold multiples of 5 classes")
+    chosen = set(SUPERCLASSES[:count // 5])
+    return [c for c in range(100) if CIFAR100_COARSE[c] in chosen]
+
+
+def _cosine(t: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+def _train(model, data, steps: int, args, *, lr: float, grouping: Grouping | None = None, assignment_lr_mult=1.0,
+           class_assignment_lr_mult=None, on_step=None) -> None:
+    """``steps`` SGD steps over ``data`` (epochs as needed), lr on one cosine over them."""
+    opt = torch.optim.SGD(parameter_groups(model, lr, 5e-4, assignment_lr_mult=assignment_lr_mult,
+                                           class_assignment_lr_mult=class_assignment_lr_mult),
+                          lr=lr, momentum=0.9, nesterov=True)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    amp = choose_precision(args.amp, "cpu").dtype
+    done, epoch = 0, 0
+    while done < steps:
+        def set_lr(i):
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * _cosine(done / max(steps, 1))
+
+        def after(i):
+            nonlocal done
+            done += 1
+            if on_step is not None:
+                on_step(done)
+
+        batches = (b for b in iterate_batches(data, args.batch, train=True, seed=args.seed, epoch=epoch)
+                   if len(b[1]) == args.batch)
+        train_one_epoch(model, batches, opt, grouping=grouping, amp_dtype=amp, channels_last=True, global_step=done,
+                        max_steps=steps - done, before_step=set_lr, after_step=after)
+        epoch += 1
+
+
+def _score(model, data, args) -> float:
+    amp = choose_precision(args.amp, "cpu").dtype
+    return evaluate(model, iterate_batches(data, 500, train=False), amp_dtype=amp, channels_last=True)["top1"]
+
+
+def dense_model(subset: str, train_set, test_set, args, log):
+    """The subset's dense model: trained once, then read back from ``--work``."""
+    path = Path(args.work) / f"dense-{subset}.safetensors"
+    n = len(set(train_set.labels.tolist()))
+    model = build_model(args.arch, n, "1").to(memory_format=torch.channels_last)
+    if path.exists():
+        model.load_backbone_state_dict(load_file(str(path)), skip_fc_mismatch=False)
+        return model, json.loads(path.with_suffix(".json").read_text())
+    t0 = time.perf_counter()
+    steps = args.dense_epochs * (len(train_set) // args.batch)
+    _train(model, train_set, steps, args, lr=0.1)
+    info = {"top1": _score(model, test_set, args), "steps": steps, "seconds": time.perf_counter() - t0}
+    save_file({k: v.contiguous() for k, v in model.backbone_state_dict().items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(info))
+    log(f"dense {subset}: {n} classes, top-1 {info['top1']:.4f} after {steps} steps ({info['seconds']:.0f} s)")
+    return model, info
+
+
+def group_config(overrides: list[str]):
+    """``pipelines.config.GroupStageConfig`` defaults with ``key=value`` overrides (the group.* keys)."""
+    from pipelines.config import GroupStageConfig
+
+    cfg = GroupStageConfig()
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not hasattr(cfg, key):
+            raise SystemExit(f"--set {item}: GroupStageConfig has no key {key!r}")
+        current = getattr(cfg, key)
+        if isinstance(current, bool):
+            parsed = value.lower() in ("1", "true", "yes")
+        elif isinstance(current, (int, float, str)):
+            parsed = type(current)(value)
+        else:
+            raise SystemExit(f"--set {item}: {key} is not a number, a string or a flag")
+        cfg = dataclasses.replace(cfg, **{key: parsed})
+    return cfg
+
+
+def run_cell(subset: str, split: str, budget: int, dense, train_set, test_set, g, args, log) -> dict:
+    t0 = time.perf_counter()
+    n = dense.fc.out_features
+    model = build_model(args.arch, n, split).to(memory_format=torch.channels_last)
+    model.load_backbone_state_dict(dense.backbone_state_dict(), skip_fc_mismatch=False)
+    labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
+    init_class_assignment_(model, labels, g.assign_init_margin)
+    schedule = GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold)
+    grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance), schedule, budget)
+    sparsify_from = next((s for s in range(budget) if schedule.phase(s, budget) == "sparsify"), budget)
+    at_assign_end: dict = {}
+
+    def on_step(done: int) -> None:  # the step before the first proximal step: what the assign phase left
+        if done == sparsify_from and not at_assign_end:
+            hard = hard_assignment(model, quiet=True)
+            at_assign_end.update(energy=off_block_energy(model, hard), shares=grouping.group_shares(),
+                                 top1=_score(model, test_set, args))
+
+    _train(model, train_set, budget, args, lr=g.lr, grouping=grouping, assignment_lr_mult=g.assignment_lr_mult,
+           class_assignment_lr_mult=g.class_assignment_lr_mult or None, on_step=on_step)
+    grouped = _score(model, test_set, args)
+    model.eval()
+    tree = cut(model)
+    cut_top1 = _score(tree, test_set, args)
+    parents = [CIFAR100_COARSE[c] for c in subset_classes(subset, args.seed)]
+    sq = semantic_quality(tree.class_to_group.tolist(), parents, num_random=300, seed=args.seed)
+    sizes = tree.hard.group_sizes()
+    share, where = smallest_group_share(sizes)
+    groups = {layer.name: layer.groups for layer in model.split_layers()}
+    uniform = {name: 1 - 1 / groups[name] for name in groups}
+    energy_end = at_assign_end.get("energy", {})
+    cell = {
+        "subset": subset, "split": split, "budget": budget, "classes": n,
+        "assign_end_off_block": energy_end, "uniform_off_block": uniform,
+        "assign_end_vs_uniform": {k: v / uniform[k] for k, v in energy_end.items()},
+        "assign_end_top1": at_assign_end.get("top1"), "grouped_top1": grouped, "cut_top1": cut_top1,
+        "cut_cost_points": 100 * (grouped - cut_top1), "moves": len(tree.moves), "smallest_group_share": share,
+        "smallest_group_set": where, "off_block_at_cut": off_block_energy(model, tree.hard),
+        "nmi": sq["nmi"], "random_nmi_mean": sq["random_nmi_mean"], "random_nmi_std": sq["random_nmi_std"],
+        "seconds": time.perf_counter() - t0}
+    cell["targets"] = {
+        "balanced": cell["moves"] == 0 and share >= 0.5,
+        "cut_cost": cell["cut_cost_points"] <= 0.5,
+        "semantic": sq["nmi"] > sq["random_nmi_mean"] + 3 * sq["random_nmi_std"],
+        "assignments_learn": bool(energy_end) and all(v <= 0.5 for v in cell["assign_end_vs_uniform"].values()),
+        "sparsify_loss": cell["assign_end_top1"] is not None and 100 * (cell["assign_end_top1"] - grouped) <= 5,
+    }
+    log(f"cell {subset}/{split}/{budget}: moves {cell['moves']}, smallest {share:.0%} ({where}), cut cost "
+        f"{cell['cut_cost_points']:.2f} pt, NMI {sq['nmi']:.3f} (random {sq['random_nmi_mean']:.3f} ± "
+        f"{sq['random_nmi_std']:.3f}), assign-end off-block / uniform max "
+        f"{max(cell['assign_end_vs_uniform'].values(), default=float('nan')):.2f}, {cell['seconds']:.0f} s")
+    return cell
+
+
+def table(cells: list[dict]) -> str:
+    head = "| subset | split | steps | moves | smallest | cut cost | NMI (random +3sd) | assign-end / uniform | top-1 grouped -> cut | targets |"
+    rows = [head, "|" + "---|" * 10]
+    for c in cells:
+        ok = sum(c["targets"].values())
+        rows.append(f"| {c['subset']} | {c['split']} | {c['budget']} | {c['moves']} | {c['smallest_group_share']:.0%} | "
+                    f"{c['cut_cost_points']:.2f} | {c['nmi']:.3f} ({c['random_nmi_mean'] + 3 * c['random_nmi_std']:.3f}) | "
+                    f"{max(c['assign_end_vs_uniform'].values(), default=float('nan')):.2f} | "
+                    f"{c['grouped_top1']:.3f} -> {c['cut_top1']:.3f} | {ok}/{len(c['targets'])} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar100"))
+    ap.add_argument("--arch", default="wrn-16-1")
+    ap.add_argument("--subsets", default="10,20,50,100,r20")
+    ap.add_argument("--splits", default="2-2-2,2-4-4,1-2-4")
+    ap.add_argument("--budgets", default="100,400,2000", help="grouping steps per cell")
+    ap.add_argument("--dense-epochs", type=int, default=15)
+    ap.add_argument("--per-class", type=int, default=0, help=">0: that many training images per class")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a group.* key of the one config")
+    ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "grouping_matrix"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grouping_matrix.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    g = group_config(args.set)
+    t0 = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.0f}s] {line}", flush=True)
+
+    full_train, full_test = load_cifar100(args.data, "train"), load_cifar100(args.data, "test")
+    cells = []
+    for subset in args.subsets.split(","):
+        classes = subset_classes(subset, args.seed)
+        train_set = select_classes(full_train, classes).subset(args.per_class or None, seed=args.seed)
+        test_set = select_classes(full_test, classes)
+        dense = None
+        for split in args.splits.split(","):
+            for budget in (int(b) for b in args.budgets.split(",")):
+                path = Path(args.work) / f"cell-{subset}-{split}-{budget}.json"
+                if path.exists():
+                    cells.append(json.loads(path.read_text()))
+                    continue
+                if dense is None:
+                    dense, _ = dense_model(subset, train_set, test_set, args, log)
+                torch.manual_seed(args.seed)
+                cell = run_cell(subset, split, budget, dense, train_set, test_set, g, args, log)
+                path.write_text(json.dumps(cell, indent=1))
+                cells.append(cell)
+    result = {"config": dataclasses.asdict(g), "args": vars(args), "cells": cells,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+              "all_targets": all(all(c["targets"].values()) for c in cells), "min_group_share_floor": MIN_GROUP_SHARE}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(table(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -63,10 +63,12 @@ def model_cost(model: nn.Module, input_size: int) -> dict:
     A split model's learned assignments (``assignments.*``, one logit per channel and group) are
     training state, not part of the network a user deploys: they are not counted."""
     x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
-    own = [(n, p) for n, p in model.named_parameters() if not n.startswith("assignments.")]
-    state = [t for n, t in model.state_dict().items() if not n.startswith("assignments.")]
-    return {"weights": count_weights(model), "params": sum(p.numel() for _, p in own),
-            "state_bytes": sum(t.numel() * t.element_size() for t in state), "flops": count_flops(model, x)}
+    assignments = getattr(model, "assignments", None)
+    params, state_bytes = count_params(model), count_bytes(model)
+    if isinstance(assignments, nn.Module):
+        params, state_bytes = params - count_params(assignments), state_bytes - count_bytes(assignments)
+    return {"weights": count_weights(model), "params": params, "state_bytes": state_bytes,
+            "flops": count_flops(model, x)}
 
 
 def tree_cost(tree, input_size: int) -> dict:

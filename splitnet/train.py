@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .grouping import Grouping, GroupingSchedule
+from .grouping import MIN_GROUP_SHARE, Grouping, GroupingSchedule
 from .metrics import topk_correct
 from .regularizers import RegularizerWeights
 
@@ -189,7 +189,7 @@ def format_epoch(stage: str, epoch: int, epochs: int, stats: dict, val: dict | N
         parts.append(f"phase {stats['phase']}")
     if "off_block" in stats:
         parts.append(f"off-block {stats['off_block']:.2%}")
-    if stats.get("smallest_group") is not None and stats["smallest_group"] < 0.25:  # grouping.MIN_GROUP_SHARE
+    if stats.get("smallest_group") is not None and stats["smallest_group"] < MIN_GROUP_SHARE:
         parts.append(f"smallest group {stats['smallest_group']:.0%} ({stats.get('smallest_group_set', '?')})")
     if val:
         parts.append(f"val top1 {val['top1']:.3f}")

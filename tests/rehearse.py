@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -100,15 +101,12 @@ class RayStartHead:
     """
 
     def __init__(self, workdir: Path, env: dict, num_cpus: int = 2):
-        import shutil
-
         self.ray = Path(sys.executable).parent / "ray"
         self.workdir, self.num_cpus = workdir, num_cpus
         # the cluster's processes see this environment's `splitnet` on PATH, as on a user's cluster image
         self.env = {**env, "RAY_AUTH_MODE": "token",
                     "PATH": f"{self.ray.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
-        self._rmtree = shutil.rmtree
 
     def _start(self, attempt: int) -> None:
         import socket
@@ -139,7 +137,7 @@ class RayStartHead:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # --block: the head's reaper stops every process it started
             self.proc.wait(timeout=60)
-        self._rmtree(self.temp_dir, ignore_errors=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def alive(self) -> bool:
         """True while the head runs; a head that stopped says which of its processes exited and why."""

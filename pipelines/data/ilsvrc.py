@@ -27,6 +27,8 @@ import io
 import tarfile
 from pathlib import Path
 
+from .sources import IMAGE_EXTENSIONS, Item, LayoutError, Source, _items_of, list_class_folders
+
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12"
@@ -44,24 +46,18 @@ def is_kaggle(root: Path) -> bool:
     return (root / KAGGLE_DATA).is_dir()
 
 
-def _layout_error(message: str):
-    from .sources import LayoutError
-
-    return LayoutError(message)
-
-
 # -- validation labels ---------------------------------------------------------------------------
 def _read_meta(data: bytes, where: str) -> dict[int, str]:
     """ILSVRC2012_ID -> WNID of the 1,000 leaf synsets of the devkit's meta.mat."""
     try:
         from scipy.io import loadmat
     except ImportError:  # pragma: no cover - a dependency
-        raise _layout_error(f"{where}: reading meta.mat needs scipy (pip install scipy)") from None
+        raise LayoutError(f"{where}: reading meta.mat needs scipy (pip install scipy)") from None
     try:
         synsets = loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
         ids, wnids, children = synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["num_children"]
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
-        raise _layout_error(f"{where}: not the devkit's meta.mat (a 'synsets' struct with ILSVRC2012_ID, WNID, "
+        raise LayoutError(f"{where}: not the devkit's meta.mat (a 'synsets' struct with ILSVRC2012_ID, WNID, "
                             f"num_children): {e}") from None
     return {int(i): str(w) for i, w, c in zip(ids.tolist(), wnids.tolist(), children.tolist()) if int(c) == 0}
 
@@ -84,7 +80,7 @@ def _devkit_files(root: Path) -> tuple[bytes, bytes, str] | None:
                     found[want] = tf.extractfile(info).read()
     missing = [w for w in (GROUND_TRUTH, META) if w not in found]
     if missing:
-        raise _layout_error(f"{packed}: no {' or '.join(missing)} inside: not the ILSVRC2012 development kit")
+        raise LayoutError(f"{packed}: no {' or '.join(missing)} inside: not the ILSVRC2012 development kit")
     return found[GROUND_TRUTH], found[META], str(packed)
 
 
@@ -95,7 +91,7 @@ def _from_devkit(gt: bytes, meta: bytes, where: str) -> dict[str, str]:
         try:
             labels[f"ILSVRC2012_val_{number:08d}"] = wnid_of[int(line)]
         except (ValueError, KeyError):
-            raise _layout_error(f"{where}: {Path(GROUND_TRUTH).name} line {number}: {line!r} is not an ILSVRC2012_ID "
+            raise LayoutError(f"{where}: {Path(GROUND_TRUTH).name} line {number}: {line!r} is not an ILSVRC2012_ID "
                                 "of meta.mat's 1,000 classes") from None
     return labels
 
@@ -106,25 +102,24 @@ def _from_csv(path: Path) -> dict[str, str]:
         rows = csv.reader(f)
         header = next(rows, None)
         if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-            raise _layout_error(f"{path}: expected the header ImageId,PredictionString (Kaggle's {KAGGLE_CSV})")
+            raise LayoutError(f"{path}: expected the header ImageId,PredictionString (Kaggle's {KAGGLE_CSV})")
         for number, row in enumerate(rows, 2):
             words = row[1].split() if len(row) > 1 else []
             if not row or not words:
-                raise _layout_error(f"{path}:{number}: no wnid in {','.join(row)[:60]!r}")
+                raise LayoutError(f"{path}:{number}: no wnid in {','.join(row)[:60]!r}")
             labels[row[0].strip()] = words[0]
     return labels
 
 
-def val_labels(root: Path, searched: list[Path] | None = None) -> tuple[dict[str, str], str]:
+def val_labels(root: Path) -> tuple[dict[str, str], str]:
     """{``ILSVRC2012_val_00000001``: wnid} and where they came from: ``LOC_val_solution.csv``, or
-    the devkit's ground truth + meta.mat (in ``root`` or the folders ``searched`` after it)."""
-    for folder in [root, *(searched or [])]:
-        if (folder / KAGGLE_CSV).is_file():
-            return _from_csv(folder / KAGGLE_CSV), str(folder / KAGGLE_CSV)
-        devkit = _devkit_files(folder)
-        if devkit is not None:
-            return _from_devkit(*devkit), devkit[2]
-    raise _layout_error(
+    the devkit's ground truth + meta.mat, in ``root``."""
+    if (root / KAGGLE_CSV).is_file():
+        return _from_csv(root / KAGGLE_CSV), str(root / KAGGLE_CSV)
+    devkit = _devkit_files(root)
+    if devkit is not None:
+        return _from_devkit(*devkit), devkit[2]
+    raise LayoutError(
         f"{root}: validation images without labels: put the development kit ({DEVKIT}.tar.gz, or its "
         f"{GROUND_TRUTH} and {META}) or Kaggle's {KAGGLE_CSV} next to them")
 
@@ -139,43 +134,39 @@ def _val_items(names: list[tuple[str, object]], labels: dict[str, str], label_of
             unlabelled.append(stem)
             continue
         if wnid not in label_of:
-            raise _layout_error(f"{where}: {stem} is labelled {wnid}, a class the train split does not have")
+            raise LayoutError(f"{where}: {stem} is labelled {wnid}, a class the train split does not have")
         items.append(make(stem, label_of[wnid], location))
     if unlabelled:
-        raise _layout_error(f"{where}: {len(unlabelled)} of {len(names)} validation images have no label "
+        raise LayoutError(f"{where}: {len(unlabelled)} of {len(names)} validation images have no label "
                             f"(e.g. {unlabelled[0]}): the labels belong to another copy of the validation set")
     return items
 
 
 # -- the layouts ------------------------------------------------------------------------------------
 def _image(name: str) -> bool:
-    from .sources import IMAGE_EXTENSIONS
-
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_release(root: Path):
     """The official tars: train from ILSVRC2012_img_train.tar (nested per-synset tars), val from
     ILSVRC2012_img_val.tar labelled by the devkit or the Kaggle CSV."""
-    from .sources import Item, Source
-
     train_tar, val_tar = root / TRAIN_TAR, root / VAL_TAR
     if not train_tar.is_file():
-        raise _layout_error(f"{root}: {VAL_TAR} without {TRAIN_TAR}: the classes are learned from the train split")
+        raise LayoutError(f"{root}: {VAL_TAR} without {TRAIN_TAR}: the classes are learned from the train split")
     per_class: dict[str, list[tuple[str, int, int]]] = {}
     with open(train_tar, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
         inner_tars = [m for m in outer if m.isfile()]
         for member in inner_tars:
             name = Path(member.name).name
             if not (name.endswith(".tar") and name[:1] == "n" and name[1:9].isdigit()):
-                raise _layout_error(f"{train_tar}: {member.name} is not a per-synset tar (nXXXXXXXX.tar)")
+                raise LayoutError(f"{train_tar}: {member.name} is not a per-synset tar (nXXXXXXXX.tar)")
             f.seek(member.offset_data)  # member offsets of the inner tar are then offsets in the file
             with tarfile.open(fileobj=f, mode="r:") as inner:
                 per_class[name[:-4]] = [(Path(m.name).stem, m.offset_data, m.size) for m in inner
                                         if m.isfile() and _image(m.name)]
     classes = sorted(per_class)
     if len(classes) < 2:
-        raise _layout_error(f"{train_tar}: {len(classes)} per-synset tar(s) inside: not the ILSVRC2012 train set")
+        raise LayoutError(f"{train_tar}: {len(classes)} per-synset tar(s) inside: not the ILSVRC2012 train set")
     label_of = {w: i for i, w in enumerate(classes)}
     items = {"train": [Item(key, label_of[w], "tar", str(train_tar), offset, size, "train")
                        for w in classes for key, offset, size in per_class[w]]}
@@ -193,11 +184,9 @@ def list_release(root: Path):
 
 def list_kaggle(root: Path):
     """Kaggle's copy: ILSVRC/Data/CLS-LOC/train/<wnid>/, a flat val/ labelled by LOC_val_solution.csv."""
-    from .sources import Item, Source, _items_of, list_class_folders
-
     data = root / KAGGLE_DATA
     if not (data / "train").is_dir():
-        raise _layout_error(f"{data}: no train/ folder (ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG)")
+        raise LayoutError(f"{data}: no train/ folder (ILSVRC/Data/CLS-LOC/train/<wnid>/*.JPEG)")
     files, skipped = list_class_folders(data / "train", "train")
     classes = sorted(files)
     items = {"train": _items_of("train", classes, files, "")}

@@ -51,7 +51,7 @@ from splitnet.models import CLASSES  # noqa: E402
 from splitnet.precision import choose_precision  # noqa: E402
 from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
 from splitnet.train import evaluate, train_one_epoch  # noqa: E402
-from splitnet.tree import hard_assignment, smallest_group_share  # noqa: E402
+from splitnet.tree import smallest_group_share  # noqa: E402
 
 SUPERCLASSES = sorted(set(CIFAR100_COARSE))  # coarse ids
 
@@ -160,19 +160,20 @@ def run_cell(subset: str, split: str, budget: int, dense, train_set, test_set, g
     n = dense.fc.out_features
     model = build_model(args.arch, n, split).to(memory_format=torch.channels_last)
     model.load_backbone_state_dict(dense.backbone_state_dict(), skip_fc_mismatch=False)
-    labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
-    init_class_assignment_(model, labels, g.assign_init_margin)
-    schedule = GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold)
+    if g.assign_init == "classifier":  # as group.init: baseline does (derived: again at the derivation)
+        labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
+        init_class_assignment_(model, labels, g.assign_init_margin)
+    schedule = GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold, g.assign)
     grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance), schedule, budget)
     sparsify_from = next((s for s in range(budget) if schedule.phase(s, budget) == "sparsify"), budget)
     at_assign_end: dict = {}
 
-    def on_step(done: int) -> None:  # the step before the first proximal step: what the assign phase left
+    def on_step(done: int) -> None:  # the step before the first proximal step: the model the groups are fixed on
         if done == sparsify_from and not at_assign_end:
-            hard = hard_assignment(model, quiet=True)
-            at_assign_end.update(energy=off_block_energy(model, hard), shares=grouping.group_shares(),
-                                 top1=_score(model, test_set, args))
+            at_assign_end.update(top1=_score(model, test_set, args))
 
+    if sparsify_from == 0:
+        on_step(0)
     _train(model, train_set, budget, args, lr=g.lr, grouping=grouping, assignment_lr_mult=g.assignment_lr_mult,
            class_assignment_lr_mult=g.class_assignment_lr_mult or None, on_step=on_step)
     grouped = _score(model, test_set, args)
@@ -185,7 +186,7 @@ def run_cell(subset: str, split: str, budget: int, dense, train_set, test_set, g
     share, where = smallest_group_share(sizes)
     groups = {layer.name: layer.groups for layer in model.split_layers()}
     uniform = {name: 1 - 1 / groups[name] for name in groups}
-    energy_end = at_assign_end.get("energy", {})
+    energy_end = grouping.fixed_off_block or {}  # when the groups were fixed, before any proximal step
     cell = {
         "subset": subset, "split": split, "budget": budget, "classes": n,
         "assign_end_off_block": energy_end, "uniform_off_block": uniform,

@@ -104,15 +104,19 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="staged", choices=("staged", "reference"))
     ap.add_argument("--warmup", type=float, default=0.25)
     ap.add_argument("--sparsify", type=float, default=0.35)
-    ap.add_argument("--sparsify-strength", type=float, default=100.0)
+    ap.add_argument("--assign", default="derived", choices=("derived", "learned"),
+                    help="derived (group.assign's default): the groups computed from the weights after the warm-up; "
+                         "learned: the paper's assignments, with the rates below")
+    ap.add_argument("--sparsify-strength", type=float, default=0.0, help="0: derived from the weights (the default)")
     ap.add_argument("--disjoint-hold", type=float, default=0.5)
-    ap.add_argument("--assignment-lr-mult", type=float, default=1000.0)
+    ap.add_argument("--assignment-lr-mult", type=float, default=1.0, help="--assign learned only")
     ap.add_argument("--assign-init", default="classifier", choices=("random", "classifier"),
-                    help="classifier: at the end of the warm-up, start the class groups from the classifier "
-                         "(group.assign_init: classifier, margin --assign-init-margin)")
+                    help="--assign learned: classifier starts the class groups from the classifier at the end of "
+                         "the warm-up (group.assign_init: classifier, margin --assign-init-margin)")
     ap.add_argument("--assign-init-margin", type=float, default=2.0)
-    ap.add_argument("--class-assignment-lr-mult", type=float, default=10.0,
-                    help="the class matrix's own rate (group.class_assignment_lr_mult); 0: --assignment-lr-mult")
+    ap.add_argument("--class-assignment-lr-mult", type=float, default=0.0,
+                    help="--assign learned: the class matrix's own rate (group.class_assignment_lr_mult); 0: "
+                         "--assignment-lr-mult")
     ap.add_argument("--reg", type=float, nargs=3, default=(1.0, 1.0, 10.0), metavar=("G1", "G2", "G3"))
     ap.add_argument("--schedule", default="joint", choices=("joint", "restart"))
     ap.add_argument("--lr", type=float, default=0.1)
@@ -188,13 +192,17 @@ def main(argv=None) -> int:
     # -- grouping ----------------------------------------------------------------------------------
     tg = time.perf_counter()
     model = build_model(args.arch, 100, args.split).to(memory_format=torch.channels_last)
-    schedule = GroupingSchedule(args.method, args.warmup, args.sparsify, args.sparsify_strength, args.disjoint_hold)
+    schedule = GroupingSchedule(args.method, args.warmup, args.sparsify, args.sparsify_strength, args.disjoint_hold,
+                                args.assign)
     steps = args.group_epochs * (len(train_set) // args.batch)
-    if args.assign_init == "classifier" and (args.method != "staged" or args.warmup <= 0):
+    learned_init = not schedule.derived and args.assign_init == "classifier"
+    if schedule.derived and args.warmup <= 0:
+        ap.error("--assign derived groups by the classifier the warm-up trained: needs --warmup > 0")
+    if learned_init and (args.method != "staged" or args.warmup <= 0):
         ap.error("--assign-init classifier starts from the classifier the warm-up trained: needs --method staged "
                  "and --warmup > 0")
     grouping = Grouping(model, RegularizerWeights(*args.reg), schedule, steps,
-                        classifier_init_margin=args.assign_init_margin if args.assign_init == "classifier" else None)
+                        classifier_init_margin=args.assign_init_margin if learned_init else None)
     span = args.group_epochs / args.epochs if args.schedule == "joint" else 1.0
     hist = train(model, train_set, args.group_epochs, args, lr_span=(0, span), grouping=grouping, stage="group",
                  log=log, test=per_epoch_test, assignment_lr_mult=args.assignment_lr_mult,

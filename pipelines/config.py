@@ -106,23 +106,31 @@ class GroupStageConfig(StageConfig):
     disjoint: float = 1.0          # regularizer weights g1, g2, g3 (SPLITNET.md)
     weight: float = 1.0
     balance: float = 10.0
-    # staged: warm-up (CE only) -> assign (the full objective) -> sparsify (hard assignment fixed, the
-    # group-weight term as a proximal step: off-block weights reach exactly zero). reference: the
-    # objective at every step, plain subgradient SGD (the authors' code). See splitnet/grouping.py.
+    # staged: warm-up (CE only) -> the groups -> sparsify (hard assignment fixed, the group-weight term
+    # as a proximal step: off-block weights reach exactly zero). reference: the objective at every
+    # step, plain subgradient SGD (the authors' code). See splitnet/grouping.py.
     method: str = "staged"
-    warmup: float = 0.25           # staged: fraction of the stage's steps before the assignments learn
-    sparsify: float = 0.35         # staged: fraction at the end with the hard assignment fixed
-    sparsify_strength: float = 100.0  # staged: proximal step's multiplier of `weight` at the end of its ramp
-    disjoint_hold: float = 0.5     # staged: first part of the assign phase without the disjoint term (then ramped in)
+    # staged: how the groups are found. derived: computed at the end of the warm-up, class groups from
+    # the classifier and every channel's from the weights (splitnet/partition.py), no learning rate;
+    # everything after the warm-up sparsifies. learned: the paper's assignments, learned from the
+    # regularizers in an assign phase (rates: assignment_lr_mult, class_assignment_lr_mult)
+    assign: str = "derived"
+    warmup: float = 0.25           # staged: fraction of the stage's steps before the groups (CE only)
+    sparsify: float = 0.35         # staged, learned: fraction at the end with the hard assignment fixed
+    # the proximal step's size: 0 derives it from the weights (the thresholds over the sparsify phase
+    # add up to 6x each layer's largest off-block segment); >= 1: the multiplier of `weight` at the
+    # end of a geometric ramp from 1 (the reference coefficient)
+    sparsify_strength: float = 0.0
+    disjoint_hold: float = 0.5     # staged, learned: first part of the assign phase without the disjoint term
     assignment_lr_mult: float = 1.0
     # the class matrix's own multiplier (0: assignment_lr_mult). With few classes its per-logit
     # gradients are several times the channel matrices': one rate cannot suit both
     class_assignment_lr_mult: float = 0.0
-    # where the class groups start: random (the paper: logits ~ N(0, 0.01^2)) or classifier (from
-    # the dense model's classifier: classes whose weight vectors agree share a group, a lean of
+    # learned: where the class groups start: random (the paper: logits ~ N(0, 0.01^2)) or classifier
+    # (from the dense model's classifier: classes whose weight vectors agree share a group, a lean of
     # assign_init_margin on the logits). With init baseline or pretrained it is applied before the
     # first step; with init scratch at the end of the warm-up, from the classifier the warm-up
-    # trained (method staged, warmup > 0). splitnet/grouping.py
+    # trained (method staged, warmup > 0). derived ignores it: its class groups are the classifier's.
     assign_init: str = "random"
     assign_init_margin: float = 2.0
     split_lr_mult: float = 1.0
@@ -391,15 +399,22 @@ def validate(cfg: PipelineConfig) -> None:
                           "below 1 (the assign phase between them needs steps)")
     if not 0 <= g.disjoint_hold < 1:
         raise ConfigError(f"group.disjoint_hold: must be in [0, 1), got {g.disjoint_hold}")
-    if g.sparsify_strength < 1:
-        raise ConfigError(f"group.sparsify_strength: must be >= 1, got {g.sparsify_strength}")
+    if g.sparsify_strength != 0 and g.sparsify_strength < 1:
+        raise ConfigError(f"group.sparsify_strength: 0 (derived from the weights) or >= 1, got {g.sparsify_strength}")
+    if g.assign not in ("derived", "learned"):
+        raise ConfigError(f"group.assign: {g.assign!r}; use derived or learned")
+    derived = g.method == "staged" and g.assign == "derived"
+    if derived and g.init == "scratch" and g.warmup <= 0:
+        raise ConfigError("group.assign: derived computes the groups from the classifier and weights the warm-up "
+                          "trained; with group.init: scratch it needs group.warmup > 0 (or group.init: baseline / "
+                          "pretrained)")
     if not 0 <= cfg.model.split_dropout < 1:
         raise ConfigError(f"model.split_dropout: must be in [0, 1), got {cfg.model.split_dropout}")
     _positive("group.class_assignment_lr_mult", g.class_assignment_lr_mult, allow_zero=True)
     _positive("group.assign_init_margin", g.assign_init_margin)
     if g.assign_init not in ("random", "classifier"):
         raise ConfigError(f"group.assign_init: {g.assign_init!r}; use random or classifier")
-    if g.assign_init == "classifier" and g.init == "scratch" and (g.method != "staged" or g.warmup <= 0):
+    if not derived and g.assign_init == "classifier" and g.init == "scratch" and (g.method != "staged" or g.warmup <= 0):
         # from scratch the classifier the warm-up trained is the start (at the first assign step)
         raise ConfigError("group.assign_init: classifier with group.init: scratch starts from the classifier the "
                           "warm-up trained; it needs group.method: staged with group.warmup > 0 (or group.init: "

@@ -66,22 +66,23 @@ def _wordnet_categories(class_names: list[str]) -> list[str] | None:
         return None
 
 
-def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents, recorded: list[int] | None = None) -> dict:
+def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents, recorded: list[int] | None = None,
+                           warmed: bool = True, assign: str = "learned") -> dict:
     """Where ``group.assign_init: classifier`` started the class groups, and how many classes the
     grouping moved away. ``recorded``: the groups a grouping from scratch started from at the end of
     its warm-up (the stage's ``class_start``); otherwise recomputed from the baseline's classifier
     (deterministic)."""
-    from splitnet.grouping import classifier_class_groups
+    from splitnet.partition import classifier_class_groups
 
     from .stages import load_state_file
 
     if recorded is not None:
-        start, source = list(recorded), "warm-up"
+        start, source = list(recorded), "warm-up" if warmed else "baseline"
     else:
         with rd.local_copy("baseline") as d:
             fc = load_state_file(Path(d) / "model.safetensors")["fc.weight"]
         start, source = classifier_class_groups(fc, max(class_to_group) + 1).tolist(), "baseline"
-    out = {"assign_init": "classifier", "from": source,
+    out = {"assign_init": "classifier", "assign": assign, "from": source,
            "classes_moved": sum(a != b for a, b in zip(start, class_to_group))}
     at_start = _semantic(start, parents)
     if at_start:
@@ -140,10 +141,15 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
     categories = _wordnet_categories(manifest["class_names"])
     if categories is not None:  # ImageNet-style wnids: thousands of parents, ~26 coarse categories
         semantic = {**(semantic or {}), "vs_wordnet_category": semantic_quality(manifest["class_to_group"], categories)}
-    recorded = ((state["stages"].get("group") or {}).get("result") or {}).get("class_start")
-    if cfg.group.assign_init == "classifier" and (cfg.group.init == "baseline" or recorded is not None):
-        semantic = {**(semantic or {}), "start": _class_groups_at_start(rd, manifest["class_to_group"], info.parents,
-                                                                        recorded)}
+    group_result = (state["stages"].get("group") or {}).get("result") or {}
+    recorded = group_result.get("class_start")
+    derived = cfg.group.method == "staged" and cfg.group.assign == "derived"
+    if (derived or cfg.group.assign_init == "classifier") and (cfg.group.init == "baseline" or recorded is not None):
+        start = _class_groups_at_start(rd, manifest["class_to_group"], info.parents, recorded,
+                                       warmed=cfg.group.warmup > 0, assign="derived" if derived else "learned")
+        if group_result.get("fixed_off_block"):
+            start["fixed_off_block"] = group_result["fixed_off_block"]
+        semantic = {**(semantic or {}), "start": start}
     stages = {k: {"seconds": v.get("seconds"), **({"history": v["result"].get("history")} if isinstance(v.get("result"), dict)
                                                    and "history" in v["result"] else {})}
               for k, v in state["stages"].items()}
@@ -236,9 +242,18 @@ def summary(r: dict) -> str:
     start = (r["semantic"] or {}).get("start")
     if start:
         where = "the classifier the warm-up trained" if start.get("from") == "warm-up" else "the dense baseline's classifier"
-        parts.append(f"They started from {where} (group.assign_init: classifier"
-                     + (f", NMI {start['nmi']:.3f}" if "nmi" in start else "")
-                     + f"); grouping moved {start['classes_moved']} of {r['data']['classes']} classes.")
+        if start.get("assign") == "derived":
+            fixed = start.get("fixed_off_block") or {}
+            worst = max(fixed, key=fixed.get) if fixed else None
+            parts.append(f"They are the similarity split of {where} (group.assign: derived"
+                         + (f", NMI {start['nmi']:.3f}" if "nmi" in start else "") + "), and every channel's group was "
+                         "derived from the weights" + (f", leaving {fixed[worst]:.0%} of the weight energy of the worst "
+                                                       f"layer ({worst}) off the blocks for the sparsify phase to empty"
+                                                       if worst else "") + ".")
+        else:
+            parts.append(f"They started from {where} (group.assign_init: classifier"
+                         + (f", NMI {start['nmi']:.3f}" if "nmi" in start else "")
+                         + f"); grouping moved {start['classes_moved']} of {r['data']['classes']} classes.")
     known = {k: v for k, v in ch.items() if v["ok"] is not None}
     failed = [k for k, v in known.items() if not v["ok"]]
     parts.append(f"Checks: {len(known) - len(failed)} of {len(known)} pass" + (f"; failing: {', '.join(failed)}." if failed else "."))

@@ -522,7 +522,7 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
     last = history[-1] if history else {}
     _mark(rd, state, stage, {"history": history, "resumed": result.get("resumed", []), "val_top1": last.get("val_top1"),
                              "workers": result.get("workers", []),
-                             **({"class_start": result["class_start"]} if "class_start" in result else {})},
+                             **{k: result[k] for k in ("class_start", "fixed_off_block") if k in result}},
           time.perf_counter() - t0)
     log(f"[{stage}] done in {time.perf_counter() - t0:.0f}s: val top-1 {last.get('val_top1', float('nan')):.3f}")
 

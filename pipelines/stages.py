@@ -143,7 +143,8 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
                 model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
         elif init == "pretrained":
             skipped = model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
-        if cfg.group.assign_init == "classifier" and init != "scratch":  # from scratch: at the warm-up's end (Grouping)
+        derived = cfg.group.method == "staged" and cfg.group.assign == "derived"  # derived: at the warm-up's end
+        if not derived and cfg.group.assign_init == "classifier" and init != "scratch":  # scratch: at the warm-up's end
             if any(key.startswith("fc.") for key in skipped):
                 raise ValueError("group.assign_init: classifier, but the pretrained weights have another number of "
                                  "classes (their classifier was not loaded); use assign_init: random")
@@ -338,13 +339,14 @@ def train_loop(config: dict) -> None:
     if stage == "group":
         g = cfg.group
         grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance),
-                            GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold),
+                            GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold,
+                                             g.assign),
                             total_steps=st.epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
                             min_channels_per_group=cfg.cut.min_channels_per_group,
                             classifier_init_margin=(g.assign_init_margin if g.assign_init == "classifier"
                                                     and g.init == "scratch" else None))
-        if progress.get("class_start") is not None:  # resumed past the start: the checkpoint holds it
-            grouping.class_start = progress["class_start"]
+        # resumed past the groups' start: the checkpoint holds where they started (and the derived thresholds)
+        grouping.load_state({"class_start": progress.get("class_start"), **(progress.get("grouping") or {})})
     ddp = _ddp(model) if world > 1 else model
     if cfg.scaling.compile:  # the training forward only; evaluation and the regularizers stay eager
         ddp = CompiledForward(ddp, warn=(lambda m: say(f"[{stage}] {m}")) if rank == 0 else (lambda m: None))
@@ -375,8 +377,10 @@ def train_loop(config: dict) -> None:
             g["lr"] = g["base_lr"] * factor
 
     def after_step(i: int) -> None:
-        if grouping is not None and grouping.class_start is not None:
-            progress["class_start"] = grouping.class_start  # where the warm-up's classifier started the classes
+        if grouping is not None:
+            progress["grouping"] = grouping.state()  # where the classes started, the derived thresholds
+            if grouping.class_start is not None:
+                progress["class_start"] = grouping.class_start
         progress["global_step"] += 1
         progress["step_in_epoch"] += 1
         if steps_shown is not None:
@@ -476,6 +480,9 @@ def _write_result(directory: Path, progress: dict) -> None:
     result = {k: progress.get(k, []) for k in ("history", "resumed", "workers")}
     if progress.get("class_start") is not None:
         result["class_start"] = progress["class_start"]
+    fixed = (progress.get("grouping") or {}).get("fixed_off_block")
+    if fixed is not None:  # the off-block energy the groups left when they were fixed, before any proximal step
+        result["fixed_off_block"] = fixed
     (directory / "result.json").write_text(json.dumps(result))
 
 

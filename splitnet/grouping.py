@@ -5,18 +5,27 @@ The objective is the paper's (:mod:`splitnet.regularizers`): ``CE + g1 disjoint 
 g3 balance``. With plain (sub)gradient SGD (``method: reference``, what the authors' code runs)
 the group-lasso term removes only ~1e-3 x g2 of an off-block weight's norm per step, so the blocks
 empty only over the reference's ~200k steps; a short schedule cuts away weights the model still
-uses. ``method: staged`` (the default) runs the same terms in three phases of the stage's steps:
+uses. ``method: staged`` (the default) spends the steps in phases:
 
 1. **warm-up** (``warmup`` of the steps): cross-entropy only, assignments frozen at their init.
    The features first learn something worth grouping; assignments that start moving on random
    weights harden on init noise.
-2. **assign**: the full objective. The assignments learn from the weights (the group-weight term
-   is what carries the weights' structure into them; the disjoint term hardens them, the balance
-   term keeps the groups apart). ``assignment_lr_mult`` scales their learning rate.
-3. **sparsify** (the last ``sparsify`` of the steps): the hard assignment (argmax with the cut's
-   minimum-size rule, :func:`splitnet.tree.hard_assignment`) is fixed; the group-weight term on it
-   is applied as its proximal step after every SGD step: block soft-thresholding of every
-   off-block row segment ``W[out in b, i]`` and column segment ``W[j, in in a]``, with the
+2. **the groups.** ``assign: derived`` (the default) computes them at the first step after the
+   warm-up (:mod:`splitnet.partition`): the class groups from the classifier (classes whose weight
+   vectors agree), every split layer's channel groups, balanced, from the class groups and the
+   layers' ``W**2``, written into the assignments; no learning rate, nothing to collapse.
+   ``assign: learned`` runs an **assign** phase instead: the full objective, the assignments
+   learning from the weights (the group-weight term carries the weights' structure into them, the
+   disjoint term hardens them, the balance term keeps the groups apart), at
+   ``assignment_lr_mult`` x the learning rate: a rate that depends on the channel count, the
+   groups and the steps (docs/method.md).
+3. **sparsify** (everything after the warm-up when derived; the last ``sparsify`` of the steps
+   when learned): the hard assignment (argmax with the cut's minimum-size rule,
+   :func:`splitnet.tree.hard_assignment`) is fixed; the group-weight term on it is applied as its
+   proximal step after every SGD step: block soft-thresholding of every off-block row segment
+   ``W[out in b, i]`` and column segment ``W[j, in in a]``. Its size: derived from the weights by
+   default (``sparsify_strength`` 0: the thresholds over the phase add up to :data:`PROX_MARGIN`
+   x each layer's largest off-block segment at the phase's start, on a linear ramp), or the
    reference coefficients times a strength that ramps geometrically from 1 to
    ``sparsify_strength``. Segments reach exactly zero; cross-entropy trains the diagonal blocks
    meanwhile. The very last step projects what is left (report: ``off_block_energy`` before it),
@@ -33,37 +42,61 @@ from dataclasses import dataclass
 import torch
 
 from .models.base import SplitModel
+from .partition import classifier_class_groups
 from .regularizers import RegularizerWeights, init_std, regularizer_terms
 
 METHODS = ("reference", "staged")
 MIN_GROUP_SHARE = 0.25  # a group under a quarter of its balanced size is collapsing (the report's balance check)
 
 
+ASSIGN_MODES = ("derived", "learned")
+PROX_MARGIN = 6.0    # derived strength: the proximal thresholds over the sparsify phase add up to 6x each
+                     # layer's largest off-block segment norm: were cross-entropy silent, the largest would be
+                     # empty at 41% of the phase (sqrt(1/6)), the rest retrains the blocks. Measured on 20
+                     # CIFAR-100 classes, WRN-16-1 2-2-2, 100 / 400 grouping steps: grouped top-1 after the phase
+                     # x1 0.392 / 0.512, x3 0.431 / 0.552, x6 0.438 / 0.562, x12 0.444 / 0.555 (docs/method.md)
+
+
 @dataclass
 class GroupingSchedule:
     """How the grouping stage's steps are used (see the module docstring).
 
+    ``assign``: ``derived`` (the default) computes the groups from the weights at the end of the
+    warm-up (:mod:`splitnet.partition`) and sparsifies from there: phases warm-up and sparsify,
+    no learning rate. ``learned``: the paper's assignments, learned in an assign phase between the
+    two (``method: reference`` always learns them).
     ``warmup`` / ``sparsify``: fractions of the stage's steps (``staged`` only; ``reference``
-    ignores them). ``sparsify_strength``: the proximal step's multiplier of the group-weight
-    coefficient at the end of its geometric ramp (1 = the reference coefficient).
+    ignores them; ``derived`` ignores ``sparsify``: everything after the warm-up sparsifies).
+    ``sparsify_strength``: 0 (the default) derives the proximal step from the weights (the
+    thresholds over the phase add up to :data:`PROX_MARGIN` x each layer's largest off-block segment
+    at its start, on a linear ramp); a number >= 1 is the multiplier of the reference coefficient
+    at the end of a geometric ramp from 1.
     """
 
     method: str = "staged"
     warmup: float = 0.25
     sparsify: float = 0.35
-    sparsify_strength: float = 100.0
+    sparsify_strength: float = 0.0
     disjoint_hold: float = 0.5
+    assign: str = "derived"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"grouping method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.assign not in ASSIGN_MODES:
+            raise ValueError(f"grouping assign {self.assign!r}: use one of {', '.join(ASSIGN_MODES)}")
         if not (0 <= self.warmup < 1 and 0 <= self.sparsify < 1 and self.warmup + self.sparsify < 1):
             raise ValueError(f"grouping phases warmup={self.warmup}, sparsify={self.sparsify}: each in [0, 1) and "
                              "together below 1 (the assign phase needs steps)")
-        if self.sparsify_strength < 1:
-            raise ValueError(f"sparsify_strength {self.sparsify_strength}: must be >= 1")
+        if self.sparsify_strength != 0 and self.sparsify_strength < 1:
+            raise ValueError(f"sparsify_strength {self.sparsify_strength}: 0 (derived) or >= 1")
         if not 0 <= self.disjoint_hold < 1:
             raise ValueError(f"disjoint_hold {self.disjoint_hold}: must be in [0, 1)")
+
+    @property
+    def derived(self) -> bool:
+        """Groups computed from the weights, not learned (``staged`` with ``assign: derived``)."""
+        return self.method == "staged" and self.assign == "derived"
 
     def disjoint_factor(self, step: int, total: int) -> float:
         """Multiplier of the disjoint coefficient: 0 for the first ``disjoint_hold`` of the assign
@@ -77,7 +110,7 @@ class GroupingSchedule:
         return min(1.0, (step - hold_end) / max(end - hold_end, 1))
 
     def assign_start(self, total: int) -> int:
-        """The first step of the assign phase (0 for ``reference``)."""
+        """The first step after the warm-up (0 for ``reference``): where ``derived`` computes the groups."""
         step = min(int(math.ceil(self.warmup * total)), total) if self.method == "staged" else 0
         while step > 0 and self.phase(step - 1, total) != "warmup":
             step -= 1
@@ -92,13 +125,17 @@ class GroupingSchedule:
         t = step / max(total, 1)
         if t < self.warmup:
             return "warmup"
-        if t >= 1 - self.sparsify:
+        if self.derived or t >= 1 - self.sparsify:
             return "sparsify"
         return "assign"
 
+    def sparsify_start(self, total: int) -> int:
+        """The first sparsify step (``total`` when there is none)."""
+        return next((s for s in range(self.assign_start(total), total) if self.phase(s, total) == "sparsify"), total)
+
     def strength(self, step: int, total: int) -> float:
         """Multiplier of the proximal threshold at ``step`` (sparsify phase): 1 -> sparsify_strength."""
-        start = (1 - self.sparsify) * total
+        start = (self.warmup if self.derived else 1 - self.sparsify) * total
         span = max(total - start, 1)
         t = min(max((step - start) / span, 0.0), 1.0)
         return self.sparsify_strength ** t
@@ -217,17 +254,53 @@ class BlockProx:
         energies = [self._energy(c) for c in self.classes]
         terms = torch.cat(list(self._class_terms(energies)))
         self_weights = terms / terms.sum().clamp_min(1e-30)     # w_l = S_l / sum S (in class order)
-        base = lr * coefficient * strength
-        start = 0
-        for c, e in zip(self.classes, energies):
+        scale = lr * coefficient * strength * self_weights
+        start, rows, cols = 0, [], []
+        for c in self.classes:
             n = len(c["weights"])
-            scale = (base * self_weights[start:start + n])[:, None, None]
+            rows.append(scale[start:start + n] * c["row_c"])
+            cols.append(scale[start:start + n] * c["col_c"])
             start += n
+        self._shrink(energies, rows, cols)
+
+    @torch.no_grad()
+    def peaks(self) -> list[list[float]]:
+        """The largest off-block row and column segment norm of every layer now, per size class:
+        ``[[row peak of each layer..., col peak of each layer...] per class]`` (what
+        :meth:`step_budget` is sized by; plain floats, so a checkpoint can keep them)."""
+        out = []
+        for c in self.classes:
+            rows, cols = self._segments(c, self._energy(c))
+            out.append(torch.cat([rows.flatten(1).max(1).values.sqrt(), cols.flatten(1).max(1).values.sqrt()]).tolist())
+        return out
+
+    @torch.no_grad()
+    def step_budget(self, peaks: list[list[float]], k: int, n: int, margin: float) -> None:
+        """Step ``k`` (0-based) of an ``n``-step sparsify phase with derived thresholds: each layer's
+        row and column thresholds are ``margin x its peak`` (:meth:`peaks`, at the phase's start)
+        spread over the phase on a linear ramp (step ``k`` gets ``2 (k + 1) / (n (n + 1))`` of it): gentle
+        while the diagonal blocks take over the off-block weights' work, enough at the end to empty
+        even the largest segment (the last step projects what cross-entropy held on to)."""
+        if not self.classes:
+            return
+        share = margin * 2.0 * (min(k, n - 1) + 1) / (n * (n + 1))
+        rows, cols = [], []
+        for c, p in zip(self.classes, peaks):
+            p = torch.tensor(p, dtype=torch.float32, device=c["p"].device) * share
+            count = len(c["weights"])
+            rows.append(p[:count])
+            cols.append(p[count:])
+        self._shrink([self._energy(c) for c in self.classes], rows, cols)
+
+    def _shrink(self, energies, row_thresholds, col_thresholds) -> None:
+        """Block soft-thresholding of every off-block row segment, then every column segment, with
+        one threshold per layer for each kind ([L] tensors per size class)."""
+        for c, e, row_t, col_t in zip(self.classes, energies, row_thresholds, col_thresholds):
             rows, _ = self._segments(c, e)
-            keep_rows = (1 - scale * c["row_c"][:, None, None] / rows.sqrt().clamp_min(1e-30)).clamp_min(0)   # [L, g, Din]
+            keep_rows = (1 - row_t[:, None, None] / rows.sqrt().clamp_min(1e-30)).clamp_min(0)   # [L, g, Din]
             row_factor = torch.bmm(c["q"].transpose(1, 2), keep_rows)             # [L, Dout, Din]: keep of (gout[j], i)
             _, cols = self._segments(c, e * row_factor.pow(2))                     # column norms after the row step
-            keep_cols = (1 - scale * c["col_c"][:, None, None] / cols.sqrt().clamp_min(1e-30)).clamp_min(0)   # [L, Dout, g]
+            keep_cols = (1 - col_t[:, None, None] / cols.sqrt().clamp_min(1e-30)).clamp_min(0)   # [L, Dout, g]
             col_factor = torch.bmm(keep_cols, c["p"])                              # [L, Dout, Din]: keep of (j, gin[i])
             factor = torch.where(c["off"], row_factor * col_factor, torch.ones_like(row_factor))
             self._scale(c, factor)
@@ -266,13 +339,20 @@ class Grouping:
     ``total_steps``: the stage's steps over all epochs. ``min_classes_per_group`` /
     ``min_channels_per_group``: the cut's minimum-size rule, applied to the hard assignment the
     sparsify phase fixes (so the cut later finds the same one). The state is the model's
-    parameters: on resume the same hard assignment is recomputed from the (frozen) assignments.
+    parameters and :meth:`state` (a checkpoint keeps it; :meth:`load_state` on resume): the hard
+    assignment is recomputed from the (frozen) assignments, the derived thresholds are kept.
 
-    ``classifier_init_margin``: at the first step of the assign phase, start the class groups from
-    the classifier as the warm-up left it (:func:`classifier_class_groups`,
-    :func:`init_class_assignment_` with this margin): ``assign_init: classifier`` for a grouping
-    from scratch. ``class_start`` then holds those groups. A resume past that step finds them in the
-    checkpointed assignments and does not apply them again.
+    ``assign: derived`` (the schedule's default): at the first step after the warm-up the class
+    groups come from the classifier (:func:`classifier_class_groups`) and every channel set's from
+    the weights (:func:`splitnet.partition.derive_groups`), written into the assignment logits
+    (:func:`splitnet.partition.set_assignment_`), and the sparsify phase starts; ``class_start``
+    then holds the class groups, every worker's from rank 0.
+
+    ``classifier_init_margin`` (``assign: learned``): at the first step of the assign phase, start
+    the class groups from the classifier as the warm-up left it (:func:`init_class_assignment_`
+    with this margin): ``assign_init: classifier`` for a grouping from scratch. ``class_start``
+    then holds those groups. A resume past that step finds them in the checkpointed assignments
+    and does not apply them again.
     """
 
     def __init__(self, model: SplitModel, weights: RegularizerWeights, schedule: GroupingSchedule, total_steps: int,
@@ -283,29 +363,51 @@ class Grouping:
         self.prox: BlockProx | None = None
         self.hard = None
         self.classifier_init_margin = classifier_init_margin
-        self._class_init_step = schedule.assign_start(total_steps) if classifier_init_margin is not None else None
+        start = schedule.assign_start(total_steps)
+        self._class_init_step = start if classifier_init_margin is not None or schedule.derived else None
+        self._sparsify_start = schedule.sparsify_start(total_steps)
         self.class_start: list[int] | None = None
+        self.derived_at: int | None = None            # the step the groups were derived at (derived)
+        self.peaks: list[list[float]] | None = None   # derived strength: the layers' peaks at the phase's start
+        self.fixed_off_block: dict[str, float] | None = None  # off-block energy when the groups were fixed
+
+    def state(self) -> dict:
+        """What a resume needs besides the model's parameters (JSON-friendly)."""
+        return {"class_start": self.class_start, "derived_at": self.derived_at, "peaks": self.peaks,
+                "fixed_off_block": self.fixed_off_block}
+
+    def load_state(self, state: dict | None) -> None:
+        state = state or {}
+        self.class_start = state.get("class_start", self.class_start)
+        self.derived_at = state.get("derived_at", self.derived_at)
+        self.peaks = state.get("peaks", self.peaks)
+        self.fixed_off_block = state.get("fixed_off_block", self.fixed_off_block)
 
     def phase(self, step: int) -> str:
         return self.schedule.phase(step, self.total)
+
+    def _classifier_groups(self) -> torch.Tensor:
+        """The classifier's class groups, every worker's from rank 0."""
+        from .models.base import CLASSES
+
+        import torch.distributed as dist
+
+        labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            labels = labels.to(self.model.fc.weight.device)  # every worker starts from rank 0's split
+            dist.broadcast(labels, src=0)
+            labels = labels.cpu()
+        return labels
 
     def loss(self, step: int):
         """(regularizer loss, terms as 0-d tensors) for ``step``, or (None, {}) when the phase has none."""
         phase = self.phase(step)
         if phase != "assign":
             if phase == "sparsify":
-                self._fix_hard()
+                self._fix_hard(step)
             return None, {}
         if step == self._class_init_step and self.class_start is None:
-            from .models.base import CLASSES
-
-            import torch.distributed as dist
-
-            labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                labels = labels.to(self.model.fc.weight.device)  # every worker starts from rank 0's split
-                dist.broadcast(labels, src=0)
-                labels = labels.cpu()
+            labels = self._classifier_groups()
             init_class_assignment_(self.model, labels, self.classifier_init_margin)
             self.class_start = labels.tolist()
         terms = regularizer_terms(self.model)
@@ -314,28 +416,44 @@ class Grouping:
         loss = disjoint * terms["disjoint"] + w.weight * terms["weight"] + w.balance * terms["balance"]
         return loss, {k: terms[k].detach() for k in ("weight", "disjoint", "balance")}
 
-    def _fix_hard(self) -> None:
+    def _fix_hard(self, step: int) -> None:
         if self.prox is not None:
             return
         import torch.distributed as dist
 
+        from .models.base import CLASSES
+        from .partition import derive_groups, set_assignment_
         from .tree import hard_assignment
 
+        if self.schedule.derived and self.derived_at is None:
+            labels = self._classifier_groups()
+            set_assignment_(self.model, derive_groups(self.model, labels))
+            self.class_start, self.derived_at = labels.tolist(), step
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every worker must fix the same groups: rank 0's assignments decide (argmax ties)
             with torch.no_grad():
                 for p in self.model.assignments.parameters():
                     dist.broadcast(p.data, src=0)
         self.hard = hard_assignment(self.model, *self.minimum)
+        if self.schedule.derived and self.class_start is not None:
+            self.class_start = self.hard.labels[CLASSES].tolist()
         for p in self.model.assignments.parameters():
             p.requires_grad_(False)
         self.prox = BlockProx(self.model, self.hard)
+        if self.fixed_off_block is None:  # what the assignment leaves off the blocks before any proximal step
+            self.fixed_off_block = off_block_energy(self.model, self.hard)
+        if not self.schedule.sparsify_strength and self.peaks is None:
+            self.peaks = self.prox.peaks()
 
     def after_step(self, step: int, lr: float) -> None:
         """The proximal step (sparsify phase); the last step of the stage projects what is left."""
         if self.phase(step) != "sparsify" or self.prox is None:
             return
-        self.prox.step(lr, self.weights.weight or 1.0, self.schedule.strength(step, self.total))
+        if self.schedule.sparsify_strength:
+            self.prox.step(lr, self.weights.weight or 1.0, self.schedule.strength(step, self.total))
+        else:
+            start = self._sparsify_start
+            self.prox.step_budget(self.peaks, step - start, self.total - start, PROX_MARGIN)
         if step + 1 >= self.total:
             self.prox.project()
 
@@ -376,53 +494,12 @@ def collapse_warning(stage: str, epoch: int, collapsed: dict[str, float], phase:
     when = "the sparsify phase fixed them so: the cut will move members to fill" if phase == "sparsify" else \
         "still learning: they may recover before the sparsify phase fixes them"
     return (f"[{stage}] warning: epoch {epoch}: groups collapsing, the smallest group of {listed} of its balanced "
-            f"size (floor {MIN_GROUP_SHARE:.0%}); {when} (lower group.assignment_lr_mult or raise group.balance)")
+            f"size (floor {MIN_GROUP_SHARE:.0%}); {when} (group.assign: derived keeps groups balanced; learned: lower "
+            f"group.assignment_lr_mult or raise group.balance)")
 
 
 # -- where the class groups start ----------------------------------------------------------------
 ASSIGN_INITS = ("random", "classifier")
-
-
-@torch.no_grad()
-def classifier_class_groups(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Balanced class groups [C] from a trained classifier's weight [C, F]: classes whose weight
-    vectors point the same way (cosine similarity, signs included) share a group.
-
-    Recursive spectral bisection: split a set of classes at the median of the Fiedler vector of
-    their similarity graph (affinity ``(1 + cos) / 2``, normalized Laplacian); the first half gets
-    the lower group ids, so merging adjacent fine groups (4 -> 2: ``[0, 0, 1, 1]``) gives the
-    coarse split. Group sizes differ by at most one class per split.
-
-    Why not the group-weight term alone: it sees only ``W**2`` and so cannot tell a class that
-    uses a feature from one that votes against it. From a trained dense model the assignments it
-    learns converge to the co-clustering of ``W**2`` (its second singular vectors) whatever their
-    init; on the demo's 20 classes that split scores NMI 0.26 against the superclasses, the
-    signed similarity's 0.67 (animals vs vehicles, the best a 2-group split can score).
-    """
-    w = weight.detach().double().cpu()
-    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    affinity = (1.0 + w @ w.T) / 2.0
-    labels = torch.zeros(w.shape[0], dtype=torch.long)
-
-    def split(index: torch.Tensor, first: int, count: int) -> None:
-        if count == 1 or index.numel() <= 1:
-            labels[index] = first
-            return
-        a = affinity[index][:, index]
-        inv_sqrt = a.sum(1).clamp_min(1e-12).rsqrt()
-        laplacian = torch.eye(len(index), dtype=a.dtype) - inv_sqrt[:, None] * a * inv_sqrt[None, :]
-        _, vectors = torch.linalg.eigh(laplacian)
-        fiedler = vectors[:, 1] * inv_sqrt
-        if fiedler[0] > 0:  # eigenvectors have no sign: make the result deterministic
-            fiedler = -fiedler
-        order = index[torch.argsort(fiedler, stable=True)]
-        low = count // 2
-        cut_at = round(index.numel() * low / count)
-        split(order[:cut_at].sort().values, first, low)
-        split(order[cut_at:].sort().values, first + low, count - low)
-
-    split(torch.arange(w.shape[0]), 0, groups)
-    return labels
 
 
 @torch.no_grad()

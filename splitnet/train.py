@@ -149,8 +149,18 @@ def _means(sums: list[float], steps: int, elapsed: float) -> dict:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Iterable, device="cpu", amp_dtype: torch.dtype | None = None,
              max_batches: int | None = None, channels_last: bool = False) -> dict:
-    """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` (eval mode) over ``batches``."""
+    """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` (eval mode) over ``batches``. The
+    model's mode is restored after: evaluating in the middle of an epoch does not leave the rest of
+    the epoch training with frozen BatchNorm statistics."""
+    was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, batches, device, amp_dtype, max_batches, channels_last)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, batches, device, amp_dtype, max_batches, channels_last) -> dict:
     n = top1 = top5 = 0
     loss = 0.0
     device_type = torch.device(device).type

@@ -32,14 +32,28 @@ def test_reference_configs_say_what_the_issue_asks():
     assert (ref.model.arch, ref.model.split, ref.scaling.use_gpu) == ("wrn-16-8", "2-2-2", True)
     assert (ref.group.epochs, ref.group.milestones, ref.group.batch_size) == (400, [240, 300], 90)
     big = load_config(ROOT / "pipelines/configs/imagenet22k-resnet50.yaml")
-    assert (big.model.arch, big.model.split, big.group.init, big.group.balance) == ("resnet50", "4-4", "pretrained", 3.0)
+    assert (big.model.arch, big.model.split, big.group.init, big.group.assign) == ("resnet50", "4-4", "pretrained", "derived")
     assert big.data.source.startswith("s3://") and big.data.image_size == 224
     # the subtrees fused into grouped ops where a step is launch-bound (GPU); on CPU they measured slower
     assert ref.finetune.fuse and big.finetune.fuse and not demo.finetune.fuse
     # the GPU recipes compile the training forward; the demo (a few minutes per stage) does not
     assert ref.scaling.compile and big.scaling.compile and not demo.scaling.compile
-    # the demo's class groups start from its baseline's classifier, the class matrix learning slowly
-    assert demo.group.assign_init == "classifier" and demo.group.class_assignment_lr_mult < demo.group.assignment_lr_mult
+    # the demo's groups are derived from its baseline, the proximal step sized from the weights
+    assert (demo.group.assign, demo.group.sparsify_strength, demo.group.init) == ("derived", 0.0, "baseline")
+
+
+RATES = ("assignment_lr_mult", "class_assignment_lr_mult", "sparsify_strength", "assign_init_margin", "disjoint_hold",
+         "disjoint", "weight", "balance")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pipelines/configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_carry_no_grouping_rates(path):
+    """What a user chooses (split, epochs, init, warm-up) and nothing tuned to a dataset: the grouping's
+    rates come from the run (issue 26)."""
+    import yaml
+
+    group = (yaml.safe_load(path.read_text()) or {}).get("group") or {}
+    assert not set(group) & set(RATES), sorted(set(group) & set(RATES))
 
 
 def test_overrides_apply_with_yaml_types(tmp_path):
@@ -47,7 +61,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
                       ["group.epochs=7", "run_dir=s3://bucket/x", "scaling.use_gpu=false", "data.mean=[0.5,0.5,0.5]",
                        "group.lr=0.2"])
     assert cfg.group.epochs == 7 and cfg.run_dir == "s3://bucket/x" and cfg.data.mean == [0.5, 0.5, 0.5]
-    assert cfg.group.lr == 0.2 and cfg.baseline.lr == 0.1 and cfg.group.assignment_lr_mult == 300  # the rest untouched
+    assert cfg.group.lr == 0.2 and cfg.baseline.lr == 0.1 and cfg.group.warmup == 0  # the rest untouched
     assert load_config(None, ["model.split=4"]).model.split == "4"  # an int in YAML is still a split string
 
 
@@ -69,8 +83,12 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["group.schedule=step"], "group.milestones"),
     (["data=3"], "data: expected a mapping"),
     (["group.epochs"], "expected key=value"),
-    (["group.assign_init=classifier", "group.init=scratch", "group.warmup=0"],
+    (["group.assign_init=classifier", "group.init=scratch", "group.warmup=0", "group.assign=learned"],
      "group.assign_init: classifier with group.init: scratch starts from the classifier the warm-up trained"),
+    (["group.init=scratch", "group.warmup=0"],
+     "group.assign: derived computes the groups from the classifier and weights the warm-up trained"),
+    (["group.assign=guess"], "group.assign: 'guess'; use derived or learned"),
+    (["group.sparsify_strength=0.5"], "group.sparsify_strength: 0 (derived from the weights) or >= 1, got 0.5"),
     (["group.assign_init=classifier", "group.init=scratch", "group.method=reference"],
      "it needs group.method: staged with group.warmup > 0"),
     (["group.assign_init=kmeans"], "group.assign_init: 'kmeans'; use random or classifier"),

@@ -22,16 +22,19 @@ def synthetic(n=64, classes=4, size=16, seed=0):
 
 
 def test_phases_follow_the_fractions_and_reference_is_always_the_objective():
-    s = GroupingSchedule("staged", warmup=0.25, sparsify=0.25)
+    s = GroupingSchedule("staged", warmup=0.25, sparsify=0.25, assign="learned")
     assert [s.phase(i, 8) for i in range(8)] == ["warmup"] * 2 + ["assign"] * 4 + ["sparsify"] * 2
+    derived = GroupingSchedule("staged", warmup=0.25, sparsify=0.25)  # the default: groups derived, then sparsify
+    assert [derived.phase(i, 8) for i in range(8)] == ["warmup"] * 2 + ["sparsify"] * 6
+    assert derived.assign_start(8) == derived.sparsify_start(8) == 2 and s.sparsify_start(8) == 6
     ref = GroupingSchedule("reference", warmup=0.25, sparsify=0.25)
     assert {ref.phase(i, 8) for i in range(8)} == {"assign"} and ref.disjoint_factor(0, 8) == 1.0
     # disjoint coefficient: held at 0 for the first half of the assign phase, then ramped to 1
-    s = GroupingSchedule("staged", warmup=0.2, sparsify=0.2, disjoint_hold=0.5)
+    s = GroupingSchedule("staged", warmup=0.2, sparsify=0.2, disjoint_hold=0.5, sparsify_strength=100, assign="learned")
     factors = [s.disjoint_factor(i, 100) for i in range(100)]
     assert factors[20:50] == [0.0] * 30 and 0 < factors[60] < 1 and factors[80] == 1.0
     assert s.strength(80, 100) == pytest.approx(1.0) and s.strength(100, 100) == pytest.approx(100.0)
-    for bad in (dict(method="magic"), dict(warmup=0.6, sparsify=0.5), dict(sparsify_strength=0.5)):
+    for bad in (dict(method="magic"), dict(warmup=0.6, sparsify=0.5), dict(sparsify_strength=0.5), dict(assign="magic")):
         with pytest.raises(ValueError):
             GroupingSchedule(**bad)
 
@@ -78,7 +81,7 @@ def test_a_collapsing_group_is_said_while_grouping_not_first_by_the_cut():
 
     model = randomize(build_model("wrn-10-1", 4, "2-2-2"))
     name = next(n for n in model.assignments.names() if n != "classes")
-    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.2, 0.4), 10)
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.2, 0.4, assign="learned"), 10)
     with torch.no_grad():
         logit = model.assignments.logit(name)
         size = logit.shape[1]
@@ -97,7 +100,7 @@ def test_a_collapsing_group_is_said_while_grouping_not_first_by_the_cut():
     assert f"| smallest group {shares[name]:.0%} ({name}) |" in format_epoch("group", 2, 3, stats)
     assert "smallest group" not in format_epoch("group", 2, 3, {**stats, "smallest_group": 0.9})
     # once the sparsify phase fixed the groups, the shares are theirs (the minimum-size rule applied)
-    grouping._fix_hard()
+    grouping._fix_hard(6)
     assert grouping.group_shares()[name] == smallest_group_share_of(grouping.hard, name)
     assert "the cut will move members" in collapse_warning("group", 3, {name: 0.1}, "sparsify")
 
@@ -171,13 +174,16 @@ def test_fused_regularizers_equal_the_formulas_and_cost_few_ops():
     assert after * 5 <= before, (before, after)
 
 
-def test_sparsify_phase_empties_the_blocks_and_the_cut_equals_the_grouped_model():
+@pytest.mark.parametrize("schedule", [dict(assign="learned", sparsify_strength=100), dict(assign="derived"),
+                                      dict(assign="learned")], ids=["learned", "derived", "learned-derived-strength"])
+def test_sparsify_phase_empties_the_blocks_and_the_cut_equals_the_grouped_model(schedule):
     torch.manual_seed(0)
     model = build_model("wrn-10-1", 4, "2-2-2")
     opt = torch.optim.SGD(parameter_groups(model, 0.05, 5e-4, assignment_lr_mult=100), lr=0.05, momentum=0.9)
     data = synthetic()
     epochs, steps = 6, len(data)
-    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.2, 0.4), epochs * steps)
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.2, 0.4, **schedule),
+                        epochs * steps)
     energies, assignments = [], []
     for e in range(epochs):
         train_one_epoch(model, data, opt, grouping=grouping, global_step=e * steps)
@@ -215,7 +221,10 @@ def test_grouping_step_never_waits_for_the_device(monkeypatch):
     opt = torch.optim.SGD(parameter_groups(model, 0.05, 5e-4, assignment_lr_mult=100), lr=0.05, momentum=0.9)
     steps = 12
     data = [b for _ in range(3) for b in synthetic()]  # 12 batches
-    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.0, 0.5), 2 * steps)
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.0, 0.5, assign="learned"),
+                        2 * steps)
+    derived = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.0), 2 * steps)
+    derived._fix_hard(0)  # derived groups and thresholds: computed once, on the host
     calls = {"n": 0}
     for name in ("item", "cpu", "tolist", "__float__", "__int__", "__bool__", "numpy"):
         original = getattr(torch.Tensor, name)
@@ -226,10 +235,13 @@ def test_grouping_step_never_waits_for_the_device(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     train_one_epoch(model, data, opt, grouping=grouping, global_step=0)           # assign phase, 12 steps
     assign_calls = calls["n"]
-    grouping._fix_hard()  # the hard assignment is fixed once (argmax on the host) when sparsify starts
+    grouping._fix_hard(steps)  # the hard assignment is fixed once (argmax on the host) when sparsify starts
     calls["n"] = 0
     train_one_epoch(model, data, opt, grouping=grouping, global_step=steps)       # sparsify phase, 12 steps
     assert assign_calls <= 1 and calls["n"] <= 1, (assign_calls, calls["n"])      # the one read at the end
+    calls["n"] = 0
+    train_one_epoch(model, data, opt, grouping=derived, global_step=0)           # derived thresholds, 12 steps
+    assert calls["n"] <= 1, calls["n"]
 
 
 def _signed_clusters(groups: int, per_group: int, features: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +311,7 @@ def test_classifier_init_at_the_end_of_the_warm_up():
 
     torch.manual_seed(0)
     model = build_model("wrn-10-1", 12, "2-2-2")
-    schedule = GroupingSchedule("staged", warmup=0.3, sparsify=0.2)
+    schedule = GroupingSchedule("staged", warmup=0.3, sparsify=0.2, assign="learned")
     total = 10
     start = schedule.assign_start(total)
     assert start == 3 and schedule.phase(start - 1, total) == "warmup" and schedule.phase(start, total) == "assign"

@@ -35,7 +35,7 @@ def tiny(run_dir, source, **extra) -> list[str]:
         "model.arch": "wrn-10-1", "model.split": "2-2-2",
         "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.25, "scaling.torch_threads": 1,
         "baseline.epochs": 1, "group.epochs": 2, "finetune.epochs": 1,
-        "group.assignment_lr_mult": 1000, "evaluate.max_batches": 2,
+        "evaluate.max_batches": 2,
     }
     for stage in ("baseline", "group", "finetune"):
         values[f"{stage}.batch_size"] = 32
@@ -81,9 +81,9 @@ def _train_worker_pids() -> list[int]:
 
 
 def _assert_complete_run(run_dir: Path, class_start: str | None = "baseline") -> dict:
-    """Every stage the config has ran and wrote its outputs. ``class_start``: where
-    ``group.assign_init: classifier`` started the class groups, which the report describes
-    (``baseline``: the demo's; ``warm-up``: a grouping from scratch; None: random init)."""
+    """Every stage the config has ran and wrote its outputs. ``class_start``: which classifier the
+    class groups came from (``group.assign: derived``, the default), which the report describes
+    (``baseline``: the demo's; ``warm-up``: a grouping from scratch; None: learned from a random init)."""
     from splitnet.artifacts import load_tree
 
     state = json.loads((run_dir / "state.json").read_text())
@@ -102,10 +102,14 @@ def _assert_complete_run(run_dir: Path, class_start: str | None = "baseline") ->
     assert report["semantic"]["num_groups"] == 2 and 0 <= report["semantic"]["purity"] <= 1
     if class_start:  # the class groups started from a classifier; the report says which and how far they moved
         start = report["semantic"]["start"]
-        assert start["assign_init"] == "classifier" and start["from"] == class_start
-        assert 0 <= start["classes_moved"] <= 20 and 0 <= start["nmi"] <= 1
+        assert (start["assign"], start["from"]) == ("derived", class_start)
+        assert start["classes_moved"] == 0 and 0 <= start["nmi"] <= 1  # derived: the classes are the classifier's split
+        # the off-block energy the derived groups left in every split layer, before the proximal step emptied it
+        assert set(start["fixed_off_block"]) == set(report["cut"]["off_block_energy"])
+        assert all(0 <= v < 1 for v in start["fixed_off_block"].values())
         where = {"baseline": "the dense baseline's classifier", "warm-up": "the classifier the warm-up trained"}
-        assert f"started from {where[class_start]}" in (run_dir / "report.md").read_text()
+        assert f"They are the similarity split of {where[class_start]} (group.assign: derived" in \
+            (run_dir / "report.md").read_text()
     else:
         assert "start" not in report["semantic"]
     md = (run_dir / "report.md").read_text()
@@ -194,9 +198,9 @@ def test_interrupted_driver_resumes_on_rerun_and_prints_its_own_lines_only(ray_c
     """Ctrl-C during grouping, then the same command again: the finished stage (prepare) is not
     redone and the interrupted one continues from its last checkpoint. (No baseline: one Ray Train
     start-up less; the in-process re-run of the killed-worker test skips finished training stages.)
-    The grouping from scratch starts its class groups from the classifier its warm-up trained
-    (``assign_init: classifier``, at step 3 of 12, in both workers): where they started survives
-    the interruption and reaches the report.
+    The grouping from scratch derives its groups from the classifier and weights its warm-up trained
+    (``group.assign: derived``, at step 3 of 12, in both workers from rank 0's): where the classes
+    started and the derived thresholds survive the interruption, and the report says where.
 
     The resumed run is also what a user sees from a successful `splitnet run`: a header, one line
     per epoch per stage (rank 0 only), progress statuses inside an epoch, the stage lines and the
@@ -207,7 +211,7 @@ def test_interrupted_driver_resumes_on_rerun_and_prints_its_own_lines_only(ray_c
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
             *tiny(run_dir, tiny_cifar, group__epochs=3, baseline__enabled="false", group__init="scratch",
-                  group__assign_init="classifier", group__warmup=0.25)]
+                  group__warmup=0.25)]
     env = _cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -240,7 +244,11 @@ def test_interrupted_driver_resumes_on_rerun_and_prints_its_own_lines_only(ray_c
     assert resumed >= 1
     assert sorted(set(group["class_start"])) == [0, 1] and len(group["class_start"]) == 20
     assert [h["epoch"] for h in state["stages"]["group"]["result"]["history"]] == [1, 2, 3]
-    assert "| disjoint" in out  # the progress lines reach the driver
+    assert "| phase sparsify | off-block" in out  # the progress lines reach the driver
+    # derived once, at step 3, before the interrupt: every later checkpoint carries the same groups' start and thresholds
+    saved = [json.loads(p.read_text()).get("grouping") or {} for p in (run_dir / "checkpoints" / "group").glob("*/progress.json")]
+    derived = [g for g in saved if g.get("derived_at") is not None]
+    assert derived and {g["derived_at"] for g in derived} == {3} and all(g["peaks"] == derived[0]["peaks"] for g in derived)
     _collapse_said_before_the_cut(run_dir, (tmp_path / "first.log").read_text() + out)
 
     # only its own lines
@@ -287,6 +295,7 @@ def test_two_node_cluster_spreads_the_workers(tiny_cifar, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-c", MULTINODE, str(ROOT / "pipelines/configs/demo.yaml"),
             *tiny(run_dir, tiny_cifar, baseline__enabled="false", group__init="scratch", group__assign_init="random",
+                  group__assign="learned", group__assignment_lr_mult=1000,  # the paper's learned assignments
                   group__epochs=1, scaling__placement_strategy="STRICT_SPREAD",
                   data__cache="false",  # decode actors stream every epoch, as large images do on clusters
                   scaling__compile="true")]  # the DDP forward compiled in each worker, gradients over gloo between nodes

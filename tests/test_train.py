@@ -97,3 +97,14 @@ def test_compiled_forward_falls_back_to_eager_with_one_line(monkeypatch):
     assert "compiler" in warnings[0].lower() and wrappers[0].failed
     for k in eager:
         torch.testing.assert_close(fallback[k], eager[k], rtol=0, atol=0, msg=k)
+
+
+def test_evaluate_restores_the_models_mode():
+    """Evaluating in the middle of training (a benchmark's mid-stage score) leaves the model training:
+    the rest of the epoch must not run with frozen BatchNorm statistics."""
+    model = build_model("wrn-10-1", 4, "1")
+    batches = [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))]
+    evaluate(model.train(), batches)
+    assert model.training and all(m.training for m in model.modules())
+    evaluate(model.eval(), batches)
+    assert not model.training

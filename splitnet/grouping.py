@@ -386,18 +386,26 @@ class Grouping:
     def phase(self, step: int) -> str:
         return self.schedule.phase(step, self.total)
 
+    @staticmethod
+    def _distributed() -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     def _classifier_groups(self) -> torch.Tensor:
-        """The classifier's class groups, every worker's from rank 0."""
+        """The classifier's class groups, computed on rank 0 and sent to every worker."""
         from .models.base import CLASSES
 
         import torch.distributed as dist
 
-        labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            labels = labels.to(self.model.fc.weight.device)  # every worker starts from rank 0's split
-            dist.broadcast(labels, src=0)
-            labels = labels.cpu()
-        return labels
+        groups = self.model.assignments.groups(CLASSES)
+        if not self._distributed():
+            return classifier_class_groups(self.model.fc.weight, groups)
+        device = self.model.fc.weight.device
+        labels = (classifier_class_groups(self.model.fc.weight, groups).to(device) if dist.get_rank() == 0 else
+                  torch.zeros(self.model.fc.weight.shape[0], dtype=torch.long, device=device))
+        dist.broadcast(labels, src=0)
+        return labels.cpu()
 
     def loss(self, step: int):
         """(regularizer loss, terms as 0-d tensors) for ``step``, or (None, {}) when the phase has none."""
@@ -426,16 +434,17 @@ class Grouping:
         from .tree import hard_assignment
 
         if self.schedule.derived and self.derived_at is None:
-            labels = self._classifier_groups()
-            set_assignment_(self.model, derive_groups(self.model, labels))
-            self.class_start, self.derived_at = labels.tolist(), step
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if not self._distributed() or dist.get_rank() == 0:  # rank 0 derives; the broadcast below sends it
+                labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
+                set_assignment_(self.model, derive_groups(self.model, labels))
+            self.class_start, self.derived_at = [], step        # set from the fixed labels below
+        if self._distributed():
             # every worker must fix the same groups: rank 0's assignments decide (argmax ties)
             with torch.no_grad():
                 for p in self.model.assignments.parameters():
                     dist.broadcast(p.data, src=0)
         self.hard = hard_assignment(self.model, *self.minimum)
-        if self.schedule.derived and self.class_start is not None:
+        if self.schedule.derived and self.derived_at == step:
             self.class_start = self.hard.labels[CLASSES].tolist()
         for p in self.model.assignments.parameters():
             p.requires_grad_(False)

@@ -3,8 +3,9 @@
 Runs, in one process on the CPU (plain PyTorch, the data in memory, channels-last, bf16 autocast where the CPU has native bf16):
 
 * **dense baseline**: the dense model, ``--epochs`` epochs, one cosine schedule;
-* **SplitNet**: grouping (``--group-epochs``, ``--method``; the class groups start from the classifier
-  the warm-up trained, ``--assign-init classifier``, and learn at ``--class-assignment-lr-mult``) -> cut -> finetune the tree
+* **SplitNet**: grouping (``--group-epochs``, ``--method``; after the warm-up the groups are derived
+  from the classifier and the weights, ``--assign derived``, the pipeline's default; ``--assign
+  learned`` learns them at ``--assignment-lr-mult`` / ``--class-assignment-lr-mult``) -> cut -> finetune the tree
   (``--epochs - --group-epochs``), the same total epochs, the learning rate on one cosine over
   both stages (``--schedule joint``; ``restart`` starts the finetune's own cosine at ``--lr``).
 
@@ -15,6 +16,7 @@ class groups vs the 20 CIFAR-100 superclasses with random balanced groups (mean 
 sizes and how many members ``cut()`` had to move. Targets (issue 11) are checked at the end.
 
     python benchmarks/method_quality.py                                  # WRN-16-2 2-2-2, 10 epochs (~22 min, 2 idle cores)
+    python benchmarks/method_quality.py --assign learned --assignment-lr-mult 1000 --class-assignment-lr-mult 10 --sparsify-strength 100   # 2026-12-04's
     python benchmarks/method_quality.py --method reference --assign-init random --out benchmarks/results/method_quality_reference.json
     python benchmarks/method_quality.py --epochs 2 --group-epochs 1 --per-class 50 --quick   # smoke
 """

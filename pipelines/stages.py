@@ -429,9 +429,10 @@ def train_loop(config: dict) -> None:
             shares = grouping.group_shares()
             row.update(phase=grouping.phase(max(progress["global_step"] - 1, 0)), off_block_energy=energy,
                        off_block=max(energy.values(), default=0.0), group_shares=shares)
-            if shares:
+            if shares and row["phase"] != "warmup":  # in the warm-up the assignments are init noise: nothing to say
                 row["smallest_group_set"], row["smallest_group"] = min(shares.items(), key=lambda kv: kv[1])
-            collapsed = {k: v for k, v in collapsing(shares).items() if k not in progress.setdefault("collapse_warned", [])}
+            collapsed = {k: v for k, v in collapsing(shares, phase=row["phase"]).items()
+                         if k not in progress.setdefault("collapse_warned", [])}
         progress["history"].append(row)
         elapsed = time.perf_counter() - stage_start
         done_epochs = progress["epoch"] - first_epoch

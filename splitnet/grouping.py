@@ -490,8 +490,11 @@ class Grouping:
         return off_block_energy(self.model, hard)
 
 
-def collapsing(shares: dict[str, float], floor: float = MIN_GROUP_SHARE) -> dict[str, float]:
-    """The sets of ``shares`` (:meth:`Grouping.group_shares`) whose smallest group is under ``floor``."""
+def collapsing(shares: dict[str, float], floor: float = MIN_GROUP_SHARE, phase: str | None = None) -> dict[str, float]:
+    """The sets of ``shares`` (:meth:`Grouping.group_shares`) whose smallest group is under ``floor``.
+    None in the warm-up (``phase``): the assignments are still their init noise, no group has formed."""
+    if phase == "warmup":
+        return {}
     return {name: share for name, share in shares.items() if share < floor}
 
 

@@ -199,6 +199,7 @@ class BlockProx:
                             "row_c": 1.0 / (taps * din * math.sqrt(dout) * norm),
                             "col_c": 1.0 / (taps * math.sqrt(din) * dout * norm)})
         self.names = [e["layer"].name for e in entries]
+        self._peaks_from, self._peak_tensors = None, []   # step_budget's peaks, on the device
         self.classes, order = [], []
         for members in _size_classes(entries):
             g = members[0]["groups"]
@@ -284,12 +285,15 @@ class BlockProx:
         if not self.classes:
             return
         share = margin * 2.0 * (min(k, n - 1) + 1) / (n * (n + 1))
+        if self._peaks_from is not peaks:  # on the device once, not every step
+            self._peaks_from = peaks
+            self._peak_tensors = [torch.tensor(p, dtype=torch.float32, device=c["p"].device)
+                                  for c, p in zip(self.classes, peaks)]
         rows, cols = [], []
-        for c, p in zip(self.classes, peaks):
-            p = torch.tensor(p, dtype=torch.float32, device=c["p"].device) * share
+        for c, p in zip(self.classes, self._peak_tensors):
             count = len(c["weights"])
-            rows.append(p[:count])
-            cols.append(p[count:])
+            rows.append(p[:count] * share)
+            cols.append(p[count:] * share)
         self._shrink([self._energy(c) for c in self.classes], rows, cols)
 
     def _shrink(self, energies, row_thresholds, col_thresholds) -> None:

@@ -151,6 +151,21 @@ class FinetuneStageConfig(StageConfig):
     # where a small step is launch-bound (the GPU recipes turn it on); on CPU the separate convs
     # measured faster (WRN-16-8 2-2-2, batch 128, bf16: tree 1.26x dense, fused 1.16x)
     fuse: bool = False
+    # distillation (splitnet/distill.py): the tree also learns from a frozen dense teacher's soft targets.
+    # none | grouped (the grouped dense model the tree was cut from) | baseline (the dense baseline)
+    distill: str = "none"
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.5    # w in (1 - w) CE + w T^2 KL(teacher || tree); 0 is plain CE
+
+
+@dataclass
+class ControlConfig:
+    # the tree's yardstick at equal budget: a dense model trained from where the grouping started (the
+    # baseline's weights, pretrained weights, or scratch) for group.epochs + finetune.epochs on the very
+    # schedule the tree had (each epoch with its stage's lr, batch, weight decay and cosine span). The
+    # report's accuracy check compares the tree with it; false: the report says its comparison with the
+    # baseline is not at equal budget, by how many epochs, and checks nothing on it
+    enabled: bool = True
 
 
 @dataclass
@@ -177,6 +192,7 @@ class PipelineConfig:
     group: GroupStageConfig = field(default_factory=GroupStageConfig)
     cut: CutConfig = field(default_factory=CutConfig)
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     failure: FailureSpec = field(default_factory=FailureSpec)
 
@@ -189,6 +205,7 @@ CHOICES = {
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "group.init": ("scratch", "baseline", "pretrained"),
     "group.method": ("staged", "reference"),
+    "finetune.distill": ("none", "grouped", "baseline"),
 }
 for _stage in ("baseline", "group", "finetune"):
     CHOICES[f"{_stage}.schedule"] = ("cosine", "step", "constant")
@@ -419,6 +436,12 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError("group.assign_init: classifier with group.init: scratch starts from the classifier the "
                           "warm-up trained; it needs group.method: staged with group.warmup > 0 (or group.init: "
                           "baseline / pretrained, or group.assign_init: random)")
+    f = cfg.finetune
+    _positive("finetune.distill_temperature", f.distill_temperature)
+    if not 0 <= f.distill_weight <= 1:
+        raise ConfigError(f"finetune.distill_weight: must be in [0, 1], got {f.distill_weight}")
+    if f.distill == "baseline" and not cfg.baseline.enabled:
+        raise ConfigError("finetune.distill: baseline, but baseline.enabled is false (use distill: grouped)")
     if cfg.group.init == "baseline" and not cfg.baseline.enabled:
         raise ConfigError("group.init: baseline, but baseline.enabled is false")
     if cfg.group.init == "pretrained" and not cfg.model.pretrained:

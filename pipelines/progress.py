@@ -106,10 +106,13 @@ class StepProgress:
             self.thread = threading.Thread(target=self._run, name="splitnet-step-progress", daemon=True)
             self.thread.start()
 
-    def start_epoch(self, epoch: int, done: int = 0) -> None:
-        """Epoch ``epoch`` (0-based) begins, ``done`` of its steps already done (a resumed epoch)."""
+    def start_epoch(self, epoch: int, done: int = 0, steps: int | None = None, images_per_step: int | None = None) -> None:
+        """Epoch ``epoch`` (0-based) begins, ``done`` of its steps already done (a resumed epoch); ``steps``
+        / ``images_per_step``: this epoch's, where they change within the stage (the control's phases)."""
         with self.lock:
             self.epoch, self.done, self.timed, self.phase = epoch, done, 0, "train"
+            self.steps = steps or self.steps
+            self.images_per_step = images_per_step or self.images_per_step
             self.started = self.last_step = self.clock()
             self.fetch_since = self.batch_at = None
 

@@ -1,11 +1,12 @@
 """``splitnet run CONFIG.yaml``: the staged pipeline on Ray, from data to a tree ready to serve.
 
-    prepare -> baseline -> group -> cut -> finetune -> evaluate -> report
+    prepare -> baseline -> group -> cut -> finetune -> control -> evaluate -> report
 
 ``prepare`` converts a raw source (CIFAR-100, ImageFolder, per-synset tars) into shards once
 (Ray Data tasks) or takes the shards the config points at. ``baseline``, ``group`` and
 ``finetune`` are each a Ray Train ``TorchTrainer`` (DDP, gloo on CPU, NCCL on GPU) streaming
-their shard of a Ray Data pipeline; ``cut`` is a Ray task; ``evaluate`` is a Train job again, so
+their shard of a Ray Data pipeline; ``control`` is one too: the dense model trained for the tree's
+budget from where the grouping started (the report's yardstick); ``cut`` is a Ray task; ``evaluate`` is a Train job again, so
 every model is scored on the workers, next to the data.
 
 Everything lands in the run directory (local or a URI). ``state.json`` records finished stages: a
@@ -25,7 +26,7 @@ import yaml
 from .config import PipelineConfig, differences, from_dict, to_dict
 from .rundir import RunDir
 
-STAGES = ("prepare", "baseline", "group", "cut", "finetune", "evaluate", "report")
+STAGES = ("prepare", "baseline", "group", "cut", "finetune", "control", "evaluate", "report")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -433,7 +434,10 @@ def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int 
     return out
 
 
-def steps_per_epoch(cfg: PipelineConfig, stage: str, records: int) -> int:
+def steps_per_epoch(cfg: PipelineConfig, stage: str, records: int) -> int | dict[str, int]:
+    """Steps in one epoch of ``stage``; the control's: ``{"group": ..., "finetune": ...}`` (it follows their epochs)."""
+    if stage == "control":
+        return {part: steps_per_epoch(cfg, part, records) for part in ("group", "finetune")}
     st = getattr(cfg, stage)
     per_worker = records // cfg.scaling.num_workers
     steps = per_worker // (st.batch_size // cfg.scaling.num_workers)
@@ -507,8 +511,14 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
         return
     t0 = time.perf_counter()
     spe = steps_per_epoch(cfg, stage, info.train_records)
-    log(f"[{stage}] {st.epochs} epochs x {spe} steps, batch {st.batch_size} over {cfg.scaling.num_workers} workers"
-        f"{' (GPU)' if cfg.scaling.use_gpu else ''}")
+    on = f"over {cfg.scaling.num_workers} workers{' (GPU)' if cfg.scaling.use_gpu else ''}"
+    if stage == "control":
+        g, f = cfg.group, cfg.finetune
+        start = {"baseline": "the baseline's weights", "pretrained": "the pretrained weights"}.get(g.init, "scratch")
+        log(f"[control] the dense model at the tree's budget: from {start}, {g.epochs} + {f.epochs} epochs on the "
+            f"group and finetune schedules ({g.epochs} x {spe['group']} + {f.epochs} x {spe['finetune']} steps) {on}")
+    else:
+        log(f"[{stage}] {st.epochs} epochs x {spe} steps, batch {st.batch_size} {on}")
     loop_config = {"cfg": to_dict(cfg), "stage": stage, "progress": getattr(log, "name", None), "precision": precision,
                    "progress_every_s": progress_interval(log),
                    "num_classes": info.num_classes, "steps_per_epoch": spe,
@@ -664,7 +674,8 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
         steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log, announced, cache)),
                  ("group", lambda: _train_stage(cfg, rd, state, info, "group", log, announced, cache)),
                  ("cut", lambda: _cut(cfg, rd, state, info, log)),
-                 ("finetune", lambda: _train_stage(cfg, rd, state, info, "finetune", log, announced, cache))]
+                 ("finetune", lambda: _train_stage(cfg, rd, state, info, "finetune", log, announced, cache)),
+                 ("control", lambda: _train_stage(cfg, rd, state, info, "control", log, announced, cache))]
         collect_bad_records(rd, info)
         seen_bad = _bad_count(rd)  # prepare reported its own
         for name, fn in steps:

@@ -1,5 +1,5 @@
 """What runs inside the Ray Train workers of each stage (``baseline``, ``group``, ``finetune``,
-``evaluate``). The driver side (which stage runs when, resuming, the report) is ``pipelines.run``.
+``control``, ``evaluate``). The driver side (which stage runs when, resuming, the report) is ``pipelines.run``.
 
 A training stage's worker builds its model (dense; split-aware from scratch, from the baseline or
 from pretrained weights; or the cut tree), restores the last Ray Train checkpoint if there is one
@@ -32,7 +32,7 @@ from splitnet.train import CompiledForward, evaluate, format_epoch, train_one_ep
 from .config import PipelineConfig, from_dict
 from .rundir import RunDir
 
-TRAIN_STAGES = ("baseline", "group", "finetune")
+TRAIN_STAGES = ("baseline", "group", "finetune", "control")
 STAGE_SEEDS = {stage: i for i, stage in enumerate(TRAIN_STAGES)}
 
 
@@ -125,6 +125,19 @@ def lr_factor(st, step: int, steps_per_epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (start + (end - start) * t)))
 
 
+def epoch_plan(cfg: PipelineConfig, stage: str, steps_per_epoch: dict[str, int]) -> list[tuple]:
+    """Per epoch of ``stage``: (the stage config whose lr, batch, weight decay and schedule it follows,
+    its steps, the stage-global step where that config's schedule starts). The control (the same-budget
+    dense model) follows ``group``'s epochs, then ``finetune``'s: the tree's schedule without the split."""
+    parts = ("group", "finetune") if stage == "control" else (stage,)
+    plan, start = [], 0
+    for part in parts:
+        st, steps = getattr(cfg, part), steps_per_epoch[part]
+        plan += [(st, steps, start)] * st.epochs
+        start += st.epochs * steps
+    return plan
+
+
 # ---- models of each stage -----------------------------------------------------------------
 
 def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: int):
@@ -153,6 +166,14 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
         if cfg.group.freeze_split_bn_scale:
             freeze_split_bn_scale(model)
         return model
+    if stage == "control":  # dense, from where the grouping started
+        model = build_model(m.arch, num_classes, "1")
+        if cfg.group.init == "baseline":
+            with rd.local_copy("baseline") as d:
+                model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+        elif cfg.group.init == "pretrained":
+            model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
+        return model
     if stage == "finetune":
         from splitnet.artifacts import load_tree
 
@@ -164,6 +185,23 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
             return FusedTree(tree)
         return tree
     raise ValueError(f"no model for stage {stage!r}")
+
+
+def build_teacher(cfg: PipelineConfig, rd: RunDir, num_classes: int):
+    """The finetune stage's distillation teacher (``finetune.distill``): the grouped dense model the tree
+    was cut from, or the dense baseline; None for ``none``."""
+    which = cfg.finetune.distill
+    if which == "none":
+        return None
+    if which == "grouped":
+        teacher = build_model(cfg.model.arch, num_classes, cfg.model.split)
+        with rd.local_copy("group") as d:
+            teacher.load_state_dict(load_state_file(Path(d) / "model.safetensors"))
+        return teacher
+    teacher = build_model(cfg.model.arch, num_classes, "1")
+    with rd.local_copy("baseline") as d:
+        teacher.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+    return teacher
 
 
 def _fetch(rd: RunDir, uri: str) -> str:
@@ -180,7 +218,7 @@ def _fetch(rd: RunDir, uri: str) -> str:
 
 
 def _optimizer(cfg: PipelineConfig, stage: str, model) -> torch.optim.Optimizer:
-    st = getattr(cfg, stage)
+    st = cfg.group if stage == "control" else getattr(cfg, stage)  # the control starts on group's settings
     if stage == "group":
         groups = parameter_groups(model, st.lr, st.weight_decay, split_lr_mult=st.split_lr_mult,
                                   assignment_lr_mult=st.assignment_lr_mult,
@@ -296,8 +334,8 @@ def _setup(cfg: PipelineConfig):
 def train_loop(config: dict) -> None:
     """``TorchTrainer(train_loop_per_worker=train_loop, train_loop_config=...)`` for a training stage.
 
-    config: {"cfg": the pipeline config as a dict, "stage", "num_classes", "steps_per_epoch",
-    "mean", "std"}.
+    config: {"cfg": the pipeline config as a dict, "stage", "num_classes", "steps_per_epoch" (the
+    control's: {"group": steps, "finetune": steps}), "mean", "std"}.
     """
     import ray.train
     import ray.train.torch
@@ -305,7 +343,10 @@ def train_loop(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     say = _sayer(config.get("progress"))
     stage = config["stage"]
-    st = getattr(cfg, stage)
+    spe = config["steps_per_epoch"]
+    plan = epoch_plan(cfg, stage, spe if isinstance(spe, dict) else {stage: spe})
+    st, steps_per_epoch = plan[0][0], plan[0][1]  # the stage's (the control: its first phase's)
+    epochs = len(plan)
     rd = RunDir(cfg.run_dir)
     ctx, device, precision = _setup(cfg)
     amp = precision.dtype
@@ -316,7 +357,6 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     model = build_stage_model(cfg, stage, rd, config["num_classes"])
     opt = _optimizer(cfg, stage, model)
-    steps_per_epoch = config["steps_per_epoch"]
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -341,7 +381,7 @@ def train_loop(config: dict) -> None:
         grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance),
                             GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold,
                                              g.assign),
-                            total_steps=st.epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
+                            total_steps=epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
                             min_channels_per_group=cfg.cut.min_channels_per_group,
                             classifier_init_margin=(g.assign_init_margin if g.assign_init == "classifier"
                                                     and g.init == "scratch" else None))
@@ -350,9 +390,20 @@ def train_loop(config: dict) -> None:
     ddp = _ddp(model) if world > 1 else model
     if cfg.scaling.compile:  # the training forward only; evaluation and the regularizers stay eager
         ddp = CompiledForward(ddp, warn=(lambda m: say(f"[{stage}] {m}")) if rank == 0 else (lambda m: None))
+    distill = None
+    teacher = build_teacher(cfg, rd, config["num_classes"]) if stage == "finetune" else None
+    if teacher is not None:
+        from splitnet.distill import Distiller
+
+        teacher.to(device)
+        if cfg.scaling.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        distill = Distiller(teacher, cfg.finetune.distill_temperature, cfg.finetune.distill_weight, amp_dtype=amp)
+        if rank == 0:
+            say(f"[{stage}] distilling from the {cfg.finetune.distill} model: T {distill.temperature:g}, "
+                f"weight {distill.weight:g}")
     from .data.stream import torch_batches
 
-    per_worker_batch = st.batch_size // world
     mean, std = config["mean"], config["std"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -372,7 +423,8 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     def set_lr(i: int) -> None:
-        factor = lr_factor(st, progress["global_step"], steps_per_epoch)
+        st_e, spe_e, start_e = plan[progress["epoch"]]
+        factor = lr_factor(st_e, progress["global_step"] - start_e, spe_e)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
 
@@ -385,19 +437,24 @@ def train_loop(config: dict) -> None:
         progress["step_in_epoch"] += 1
         if steps_shown is not None:
             steps_shown.step(progress["step_in_epoch"])
-        every = st.checkpoint_every_steps
+        every = plan[progress["epoch"]][0].checkpoint_every_steps
         if every and progress["step_in_epoch"] % every == 0 and progress["step_in_epoch"] < limit:
             report({"stage": stage, "epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]}, True)
 
     stage_start, first_epoch = time.perf_counter(), progress["epoch"]
-    steps_shown = (_step_progress(config, stage, st.epochs, steps_per_epoch, per_worker_batch * world)
+    steps_shown = (_step_progress(config, stage, epochs, steps_per_epoch, st.batch_size // world * world)
                    if rank == 0 else None)
-    while progress["epoch"] < st.epochs:
+    while progress["epoch"] < epochs:
         epoch = progress["epoch"]
-        limit = steps_per_epoch
+        st_e, limit, _ = plan[epoch]
+        per_worker_batch = st_e.batch_size // world
+        if stage == "control":  # this epoch's phase: group's or finetune's lr, weight decay, momentum
+            for g in opt.param_groups:
+                g["base_lr"], g["momentum"], g["nesterov"] = st_e.lr, st_e.momentum, st_e.momentum > 0
+                g["weight_decay"] = st_e.weight_decay if g.get("name") in ("weights", "split_weights") else 0.0
         remaining = limit - progress["step_in_epoch"]
         if steps_shown is not None:
-            steps_shown.start_epoch(epoch, progress["step_in_epoch"])
+            steps_shown.start_epoch(epoch, progress["step_in_epoch"], limit, per_worker_batch * world)
         start = time.perf_counter()
         augment = None
         if config.get("augment_in_workers"):  # the images come decoded once, not augmented (pipelines.run.DecodedCache)
@@ -410,7 +467,8 @@ def train_loop(config: dict) -> None:
             batches = steps_shown.batches(batches)  # a slow stream told apart from a slow step
         stats = train_one_epoch(ddp, batches, opt, grouping=grouping, split_model=model, device=device,
                                 max_steps=remaining, amp_dtype=amp, channels_last=cfg.scaling.channels_last,
-                                global_step=progress["global_step"], before_step=set_lr, after_step=after_step)
+                                global_step=progress["global_step"], before_step=set_lr, after_step=after_step,
+                                distill=distill)
         if grouping is not None and grouping.prox is None:  # frozen once sparsifying: the cut must find the same argmax
             _sync_assignments(model)
         stats = _merge_train_stats(stats, time.perf_counter() - start)
@@ -436,9 +494,9 @@ def train_loop(config: dict) -> None:
         progress["history"].append(row)
         elapsed = time.perf_counter() - stage_start
         done_epochs = progress["epoch"] - first_epoch
-        eta = elapsed / done_epochs * (st.epochs - progress["epoch"]) if done_epochs else None
+        eta = elapsed / done_epochs * (epochs - progress["epoch"]) if done_epochs else None
         if rank == 0:
-            say(format_epoch(stage, epoch + 1, st.epochs, row, val, eta_s=eta))
+            say(format_epoch(stage, epoch + 1, epochs, row, val, eta_s=eta))
             if collapsed:  # seen while grouping, said once per set: not first discovered by the cut
                 say(collapse_warning(stage, epoch + 1, collapsed, row["phase"]))
         if collapsed:
@@ -455,10 +513,10 @@ def train_loop(config: dict) -> None:
 
 
 def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, progress: dict) -> None:
-    if stage in ("baseline", "group"):
+    if stage in ("baseline", "group", "control"):
         with rd.staging(stage) as d:
-            # the baseline is a dense backbone (loadable as torchvision weights); group keeps its assignments
-            save_state(model.backbone_state_dict() if stage == "baseline" else model, d / "model.safetensors")
+            # the dense models are backbones (loadable as torchvision weights); group keeps its assignments
+            save_state(model if stage == "group" else model.backbone_state_dict(), d / "model.safetensors")
             _write_result(d, progress)
         return
     # finetune: the tree to serve, with the dense model's counts carried over from the cut
@@ -502,10 +560,11 @@ def evaluate_loop(config: dict) -> None:
     amp = precision.dtype
     n_classes = config["num_classes"]
     models = {}
-    if cfg.baseline.enabled and rd.exists("baseline/model.safetensors"):
-        models["baseline"] = build_stage_model(cfg, "baseline", rd, n_classes)
-        with rd.local_copy("baseline") as d:
-            models["baseline"].load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+    for dense in ("baseline", "control"):
+        if getattr(cfg, dense).enabled and rd.exists(f"{dense}/model.safetensors"):
+            models[dense] = build_model(cfg.model.arch, n_classes, "1")
+            with rd.local_copy(dense) as d:
+                models[dense].load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
     grouped = build_model(cfg.model.arch, n_classes, cfg.model.split)
     with rd.local_copy("group") as d:
         grouped.load_state_dict(load_state_file(Path(d) / "model.safetensors"))

@@ -66,7 +66,7 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
                     amp_dtype: torch.dtype | None = None, channels_last: bool = False, global_step: int = 0,
                     log_every: int = 0, on_log: Callable[[dict], None] | None = None,
                     before_step: Callable[[int], None] | None = None,
-                    after_step: Callable[[int], None] | None = None) -> dict:
+                    after_step: Callable[[int], None] | None = None, distill=None) -> dict:
     """One pass over ``batches`` of (images [B,3,H,W], labels [B]).
 
     ``grouping``: the grouping stage's driver (its phase follows ``global_step``, the stage's step
@@ -77,6 +77,8 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
     ``channels_last``: feed NHWC images (faster convolutions on CPU and GPU). ``before_step(i)`` runs
     before step ``i`` (a learning-rate schedule), ``after_step(i)`` after it (checkpoints).
     ``on_log(stats)`` gets the running means every ``log_every`` steps (the only other host sync).
+    ``distill``: a :class:`~splitnet.distill.Distiller`; the loss is then its mix of the cross-entropy
+    and the teacher's soft targets (``ce`` stays the plain cross-entropy in the returned means).
     Returns mean loss, ce, accuracy, images/s and, when grouping, the mean regularizer terms.
     """
     model.train()
@@ -101,12 +103,12 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
             logits = model(x)
         logits = logits.float()
         ce = F.cross_entropy(logits, y)
-        loss = ce
+        loss = ce if distill is None else distill.loss(logits, x, y, ce)
         terms = {}
         if grouping is not None:
             reg, terms = grouping.loss(global_step + steps)
             if reg is not None:
-                loss = ce + reg
+                loss = loss + reg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

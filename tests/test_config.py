@@ -9,7 +9,7 @@ import yaml
 
 from conftest import ROOT
 from pipelines.config import ConfigError, GroupStageConfig, PipelineConfig, differences, from_dict, load_config, to_dict
-from pipelines.stages import lr_factor
+from pipelines.stages import epoch_plan, lr_factor
 
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 
@@ -93,6 +93,12 @@ def test_overrides_apply_with_yaml_types(tmp_path):
      "it needs group.method: staged with group.warmup > 0"),
     (["group.assign_init=kmeans"], "group.assign_init: 'kmeans'; use random or classifier"),
     (["group.class_assignment_lr_mult=-1"], "group.class_assignment_lr_mult"),
+    (["finetune.distill=control"], "finetune.distill: 'control' is not one of none, grouped, baseline"),
+    (["finetune.distill_weight=1.5"], "finetune.distill_weight: must be in [0, 1], got 1.5"),
+    (["finetune.distill_temperature=0"], "finetune.distill_temperature: must be > 0"),
+    (["finetune.distill=baseline", "baseline.enabled=false", "group.init=scratch", "group.warmup=0.2"],
+     "finetune.distill: baseline, but baseline.enabled is false"),
+    (["control.epochs=3"], "unknown key control.epochs"),
 ])
 def test_bad_values_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as err:
@@ -133,6 +139,26 @@ def test_lr_schedules():
     assert lr_factor(cfg.finetune, 600, 100) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ConfigError, match="finetune.cosine_span"):
         load_config(None, ["finetune.cosine_span=[0.5, 0.2]"])
+
+
+def test_the_control_follows_the_trees_schedule_epoch_by_epoch():
+    """The control (the dense model of the tree's budget) runs group's epochs on group's settings, then
+    finetune's on finetune's: at every step its learning rate is the tree's."""
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", ["group.epochs=3", "finetune.epochs=2", "finetune.lr=0.05",
+                                                            "finetune.batch_size=64", "group.warmup_epochs=0.5"])
+    spe = {"group": 10, "finetune": 20}
+    plan = epoch_plan(cfg, "control", spe)
+    assert [(st.lr, st.batch_size, steps, start) for st, steps, start in plan] == \
+        [(0.1, 128, 10, 0)] * 3 + [(0.05, 64, 20, 30)] * 2
+    control_lrs, step = [], 0  # as the worker walks it: one global step counter through the plan
+    for st, steps, start in plan:
+        for _ in range(steps):
+            control_lrs.append(st.lr * lr_factor(st, step - start, steps))
+            step += 1
+    tree_lrs = ([cfg.group.lr * lr_factor(cfg.group, i, 10) for i in range(30)]
+                + [cfg.finetune.lr * lr_factor(cfg.finetune, i, 20) for i in range(40)])
+    assert control_lrs == pytest.approx(tree_lrs)
+    assert epoch_plan(cfg, "baseline", {"baseline": 7}) == [(cfg.baseline, 7, 0)] * cfg.baseline.epochs
 
 
 def _cli(*args):

@@ -36,6 +36,7 @@ def tiny(run_dir, source, **extra) -> list[str]:
         "scaling.num_workers": 2, "scaling.cpus_per_worker": 0.25, "scaling.torch_threads": 1,
         "baseline.epochs": 1, "group.epochs": 2, "finetune.epochs": 1,
         "evaluate.max_batches": 2,
+        "control.enabled": "false",  # one Ray Train stage less; the killed-worker test runs it
     }
     for stage in ("baseline", "group", "finetune"):
         values[f"{stage}.batch_size"] = 32
@@ -87,9 +88,9 @@ def _assert_complete_run(run_dir: Path, class_start: str | None = "baseline") ->
     from splitnet.artifacts import load_tree
 
     state = json.loads((run_dir / "state.json").read_text())
-    assert [s for s in ("prepare", "baseline", "group", "cut", "finetune", "evaluate", "report")
-            if state["stages"].get(s, {}).get("status") == "done"] == \
-        [s for s in ("prepare", "baseline", "group", "cut", "finetune", "evaluate", "report") if s in state["stages"]]
+    stages = ("prepare", "baseline", "group", "cut", "finetune", "control", "evaluate", "report")
+    assert [s for s in stages if state["stages"].get(s, {}).get("status") == "done"] == \
+        [s for s in stages if s in state["stages"]]
     report = json.loads((run_dir / "report.json").read_text())
     tree = load_tree(run_dir / "tree")
     # the demo's 20 classes: the CIFAR-100 classes of its four superclasses, relabelled 0..19
@@ -142,7 +143,9 @@ def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, t
 
     monkeypatch.chdir(tmp_path)  # a relative run_dir, as in the shipped configs: workers run elsewhere
     run_dir = tmp_path / "run"
-    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", tiny("run", tiny_cifar, group__epochs=3))
+    # with the control (the dense model of the tree's budget) and the tree distilled from its grouped parent
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", tiny("run", tiny_cifar, group__epochs=3, control__enabled="true",
+                                                                finetune__distill="grouped"))
     logs: list[str] = []
     outcome: dict = {}
 
@@ -175,12 +178,26 @@ def test_pipeline_end_to_end_survives_a_killed_worker(ray_cluster, tiny_cifar, t
     _collapse_said_before_the_cut(run_dir, "\n".join(logs))
     # small images: decoded once for the whole run, the workers augment (data.cache, the default)
     assert sum("decoded once into Ray's object store" in line for line in logs) == 1
+    # the finetuned tree learned from its grouped parent's soft targets as well as the labels
+    assert any(line.startswith("[finetune] distilling from the grouped model: T 4, weight 0.5") for line in logs)
+    # the control: from the baseline's weights, the group's 3 epochs then the finetune's 1, on the tree's own
+    # learning-rate curve; the report's accuracy check is against it, at the same budget (1 + 3 + 1 = 5 epochs)
+    control = state["stages"]["control"]["result"]["history"]
+    tree_epochs = state["stages"]["group"]["result"]["history"] + state["stages"]["finetune"]["result"]["history"]
+    assert [h["epoch"] for h in control] == [1, 2, 3, 4]
+    assert [h["lr"] for h in control] == pytest.approx([h["lr"] for h in tree_epochs])
+    report = json.loads((run_dir / "report.json").read_text())
+    check = report["checks"]["tree_vs_dense"]
+    assert check["equal_budget"] and check["ok"] is not None
+    assert check["value"] == pytest.approx(report["models"]["tree"]["top1"] - report["models"]["control"]["top1"])
+    assert "the same budget (1 + 3 + 1 = 5 epochs)" in check["what"]
+    assert "| dense, the tree's budget (1 + 3 + 1 = 5 epochs) |" in (run_dir / "report.md").read_text()
 
     # a re-run of a finished run skips every stage and changes nothing
     before = (run_dir / "tree" / "manifest.yaml").read_bytes()
     logs.clear()
     run(cfg, log=logs.append)
-    assert sum("done earlier, skipped" in line for line in logs) >= 4
+    assert sum("done earlier, skipped" in line for line in logs) >= 5
     assert (run_dir / "tree" / "manifest.yaml").read_bytes() == before
     # and another config in the same run dir is refused with the keys named
     from pipelines.run import PipelineError

@@ -113,7 +113,9 @@ class GroupStageConfig(StageConfig):
     # staged: how the groups are found. derived: computed at the end of the warm-up, class groups from
     # the classifier and every channel's from the weights (splitnet/partition.py), no learning rate;
     # everything after the warm-up sparsifies. learned: the paper's assignments, learned from the
-    # regularizers in an assign phase (rates: assignment_lr_mult, class_assignment_lr_mult)
+    # regularizers in an assign phase (rates: assignment_lr_mult, class_assignment_lr_mult). random:
+    # as derived, with random balanced groups (seeded by `seed`): the control that says what the derived
+    # groups are worth against a tree of the same shape
     assign: str = "derived"
     warmup: float = 0.25           # staged: fraction of the stage's steps before the groups (CE only)
     sparsify: float = 0.35         # staged, learned: fraction at the end with the hard assignment fixed
@@ -418,8 +420,8 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"group.disjoint_hold: must be in [0, 1), got {g.disjoint_hold}")
     if g.sparsify_strength != 0 and g.sparsify_strength < 1:
         raise ConfigError(f"group.sparsify_strength: 0 (derived from the weights) or >= 1, got {g.sparsify_strength}")
-    if g.assign not in ("derived", "learned"):
-        raise ConfigError(f"group.assign: {g.assign!r}; use derived or learned")
+    if g.assign not in ("derived", "learned", "random"):
+        raise ConfigError(f"group.assign: {g.assign!r}; use derived, learned or random")
     derived = g.method == "staged" and g.assign == "derived"
     if derived and g.init == "scratch" and g.warmup <= 0:
         raise ConfigError("group.assign: derived computes the groups from the classifier and weights the warm-up "

@@ -291,6 +291,9 @@ def summary(r: dict) -> str:
             parts.append(f"They started from {where} (group.assign_init: classifier"
                          + (f", NMI {start['nmi']:.3f}" if "nmi" in start else "")
                          + f"); grouping moved {start['classes_moved']} of {r['data']['classes']} classes.")
+    if c["group"]["method"] == "staged" and c["group"]["assign"] == "random":
+        parts.append("The groups are random and balanced (group.assign: random): a tree of this shape without groups "
+                     "worth having, the control for the derived ones.")
     known = {k: v for k, v in ch.items() if v["ok"] is not None}
     failed = [k for k, v in known.items() if not v["ok"]]
     parts.append(f"Checks: {len(known) - len(failed)} of {len(known)} pass" + (f"; failing: {', '.join(failed)}." if failed else "."))

@@ -156,7 +156,7 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
                 model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
         elif init == "pretrained":
             skipped = model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
-        derived = cfg.group.method == "staged" and cfg.group.assign == "derived"  # derived: at the warm-up's end
+        derived = cfg.group.method == "staged" and cfg.group.assign in ("derived", "random")  # at the warm-up's end
         if not derived and cfg.group.assign_init == "classifier" and init != "scratch":  # scratch: at the warm-up's end
             if any(key.startswith("fc.") for key in skipped):
                 raise ValueError("group.assign_init: classifier, but the pretrained weights have another number of "
@@ -380,7 +380,7 @@ def train_loop(config: dict) -> None:
         g = cfg.group
         grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance),
                             GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold,
-                                             g.assign),
+                                             g.assign, random_seed=cfg.seed),
                             total_steps=epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
                             min_channels_per_group=cfg.cut.min_channels_per_group,
                             classifier_init_margin=(g.assign_init_margin if g.assign_init == "classifier"

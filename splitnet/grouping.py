@@ -49,7 +49,7 @@ METHODS = ("reference", "staged")
 MIN_GROUP_SHARE = 0.25  # a group under a quarter of its balanced size is collapsing (the report's balance check)
 
 
-ASSIGN_MODES = ("derived", "learned")
+ASSIGN_MODES = ("derived", "learned", "random")
 PROX_MARGIN = 6.0    # derived strength: the proximal thresholds over the sparsify phase add up to 6x each
                      # layer's largest off-block segment norm: were cross-entropy silent, the largest would be
                      # empty at 41% of the phase (sqrt(1/6)), the rest retrains the blocks. Measured on 20
@@ -64,7 +64,9 @@ class GroupingSchedule:
     ``assign``: ``derived`` (the default) computes the groups from the weights at the end of the
     warm-up (:mod:`splitnet.partition`) and sparsifies from there: phases warm-up and sparsify,
     no learning rate. ``learned``: the paper's assignments, learned in an assign phase between the
-    two (``method: reference`` always learns them).
+    two (``method: reference`` always learns them). ``random``: as ``derived``, but every set's groups
+    are random and balanced (seeded by ``random_seed``): the derived groups' control, what a tree of the
+    same shape is worth without them.
     ``warmup`` / ``sparsify``: fractions of the stage's steps (``staged`` only; ``reference``
     ignores them; ``derived`` ignores ``sparsify``: everything after the warm-up sparsifies).
     ``sparsify_strength``: 0 (the default) derives the proximal step from the weights (the
@@ -79,6 +81,7 @@ class GroupingSchedule:
     sparsify_strength: float = 0.0
     disjoint_hold: float = 0.5
     assign: str = "derived"
+    random_seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -95,8 +98,9 @@ class GroupingSchedule:
 
     @property
     def derived(self) -> bool:
-        """Groups computed from the weights, not learned (``staged`` with ``assign: derived``)."""
-        return self.method == "staged" and self.assign == "derived"
+        """Groups fixed at the warm-up's end, not learned (``staged`` with ``assign: derived`` or its
+        control ``random``)."""
+        return self.method == "staged" and self.assign in ("derived", "random")
 
     def disjoint_factor(self, step: int, total: int) -> float:
         """Multiplier of the disjoint coefficient: 0 for the first ``disjoint_hold`` of the assign
@@ -434,13 +438,16 @@ class Grouping:
         import torch.distributed as dist
 
         from .models.base import CLASSES
-        from .partition import derive_groups, set_assignment_
+        from .partition import derive_groups, random_groups, set_assignment_
         from .tree import hard_assignment
 
         if self.schedule.derived and self.derived_at is None:
             if not self._distributed() or dist.get_rank() == 0:  # rank 0 derives; the broadcast below sends it
-                labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
-                set_assignment_(self.model, derive_groups(self.model, labels))
+                if self.schedule.assign == "random":
+                    set_assignment_(self.model, random_groups(self.model, self.schedule.random_seed))
+                else:
+                    labels = classifier_class_groups(self.model.fc.weight, self.model.assignments.groups(CLASSES))
+                    set_assignment_(self.model, derive_groups(self.model, labels))
             self.class_start, self.derived_at = [], step        # set from the fixed labels below
         if self._distributed():
             # every worker must fix the same groups: rank 0's assignments decide (argmax ties)

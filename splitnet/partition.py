@@ -147,6 +147,17 @@ def derive_groups(model: SplitModel, class_labels: torch.Tensor, rounds: int = 2
     return labels
 
 
+def random_groups(model: SplitModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random balanced labels for every learned set, the classes included (sizes differ by at most one):
+    the control for :func:`derive_groups`, a tree of the same shape without groups worth having."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in model.assignments.names():
+        groups, size = model.assignments.groups(name), model.assignments.logit(name).shape[1]
+        out[name] = (torch.arange(size) % groups)[torch.randperm(size, generator=gen)]
+    return out
+
+
 @torch.no_grad()
 def set_assignment_(model: SplitModel, labels: dict[str, torch.Tensor], margin: float = 6.0) -> None:
     """Write hard labels into the assignment logits: ``margin`` for a member's group, 0 elsewhere

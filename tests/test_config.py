@@ -87,7 +87,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
      "group.assign_init: classifier with group.init: scratch starts from the classifier the warm-up trained"),
     (["group.init=scratch", "group.warmup=0"],
      "group.assign: derived computes the groups from the classifier and weights the warm-up trained"),
-    (["group.assign=guess"], "group.assign: 'guess'; use derived or learned"),
+    (["group.assign=guess"], "group.assign: 'guess'; use derived, learned or random"),
     (["group.sparsify_strength=0.5"], "group.sparsify_strength: 0 (derived from the weights) or >= 1, got 0.5"),
     (["group.assign_init=classifier", "group.init=scratch", "group.method=reference"],
      "it needs group.method: staged with group.warmup > 0"),

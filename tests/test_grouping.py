@@ -176,7 +176,8 @@ def test_fused_regularizers_equal_the_formulas_and_cost_few_ops():
 
 
 @pytest.mark.parametrize("schedule", [dict(assign="learned", sparsify_strength=100), dict(assign="derived"),
-                                      dict(assign="learned")], ids=["learned", "derived", "learned-derived-strength"])
+                                      dict(assign="learned"), dict(assign="random")],
+                         ids=["learned", "derived", "learned-derived-strength", "random"])
 def test_sparsify_phase_empties_the_blocks_and_the_cut_equals_the_grouped_model(schedule):
     torch.manual_seed(0)
     model = build_model("wrn-10-1", 4, "2-2-2")

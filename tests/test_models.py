@@ -36,6 +36,23 @@ def test_unknown_arch_lists_known_ones():
         build_model("wrn-15-2", 10)
 
 
+def test_fractional_wrn_width_builds_cuts_and_reloads(tmp_path):
+    """wrn-16-1.5 (24 / 48 / 96 channels): the width between the Pareto benchmark's dense WRN-16-1 and -2;
+    its tree saves and loads back to the same function."""
+    from splitnet import cut
+    from splitnet.artifacts import load_tree
+
+    model = build_model("wrn-16-1.5", 10, "2-4-4").eval()
+    assert model.arch == "wrn-16-1.5" and model.fc.in_features == 96
+    tree = cut(model).eval()
+    tree.save(tmp_path / "tree", input_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_tree(tmp_path / "tree").eval()(x), tree(x), atol=1e-5)
+    with pytest.raises(ValueError, match="not a whole number"):
+        build_model("wrn-16-1.3", 10)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_torchvision_state_dict_loads_and_matches(arch):
     ref = getattr(torchvision.models, arch)(weights=None, num_classes=10).eval()

@@ -11,7 +11,8 @@ from splitnet import build_model, cut
 from splitnet.assignment import merge_hard
 from splitnet.grouping import Grouping, GroupingSchedule, off_block_energy
 from splitnet.models import CLASSES
-from splitnet.partition import _capacities, balanced_labels, classifier_class_groups, derive_groups, set_assignment_
+from splitnet.partition import (_capacities, balanced_labels, classifier_class_groups, derive_groups, random_groups,
+                                set_assignment_)
 from splitnet.regularizers import RegularizerWeights, parameter_groups
 from splitnet.train import train_one_epoch
 from splitnet.tree import HardAssignment, mask_off_block_weights_
@@ -116,6 +117,27 @@ def test_derived_grouping_fixes_the_groups_at_the_end_of_the_warm_up():
     assert set(grouping.fixed_off_block) == {layer.name for layer in model.split_layers()}
     assert max(grouping.fixed_off_block.values()) == pytest.approx(0.0, abs=1e-9)
     assert grouping.peaks and all(x == pytest.approx(0.0, abs=1e-6) for peaks in grouping.peaks for x in peaks)
+
+
+def test_random_groups_are_the_seeded_balanced_control_of_the_derived_ones():
+    """assign: random fixes random balanced groups at the warm-up's end (the tree's shape without groups
+    worth having): balanced in every set, the same for a seed, where the planted blocks would be derived."""
+    model, truth = _planted("wrn-10-1", 12, "2-2-2")
+    labels = random_groups(model, seed=3)
+    assert set(labels) == set(model.assignments.names())
+    for name, lab in labels.items():
+        counts = torch.bincount(lab, minlength=model.assignments.groups(name))
+        assert counts.max() - counts.min() <= 1
+    assert all(torch.equal(labels[k], random_groups(model, seed=3)[k]) for k in labels)
+    assert any(not torch.equal(labels[k], random_groups(model, seed=4)[k]) for k in labels)
+    grouping = Grouping(model, RegularizerWeights(1, 1, 10), GroupingSchedule("staged", 0.25, assign="random", random_seed=3),
+                        12)
+    start = grouping.schedule.assign_start(12)
+    assert grouping.phase(start) == "sparsify" and grouping.loss(start) == (None, {})
+    assert grouping.derived_at == start
+    assert all(torch.equal(grouping.hard.labels[k], labels[k]) for k in labels)
+    # the planted blocks are not where random groups put them: a lot of energy lies off the random blocks
+    assert max(grouping.fixed_off_block.values()) > 0.2
 
 
 def test_derived_thresholds_empty_the_blocks_and_a_resume_keeps_groups_and_thresholds():

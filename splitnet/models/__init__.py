@@ -1,6 +1,7 @@
 """Split-aware backbones and their registry: ``build_model(arch, num_classes, split)``.
 
-Registered: ``wrn-<depth>-<widen>`` (any valid WRN, e.g. ``wrn-16-8``), ``resnet18``,
+Registered: ``wrn-<depth>-<widen>`` (any valid WRN, e.g. ``wrn-16-8``; a fractional widening factor
+whose widths 16k, 32k, 64k are whole, e.g. ``wrn-16-1.5``), ``resnet18``,
 ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``, ``alexnet``. Add your own with
 :func:`register_model`: a factory ``(num_classes, split, **kwargs) -> SplitModel``.
 """
@@ -34,8 +35,8 @@ def register_model(name: str, factory: Callable[..., SplitModel] | None = None):
     return deco(factory) if factory is not None else deco
 
 
-register_model(r"wrn-(\d+)-(\d+)", lambda d, k, num_classes, split="1", **kw:
-               WideResNet(int(d), int(k), num_classes, split, **kw))
+register_model(r"wrn-(\d+)-(\d+(?:\.\d+)?)", lambda d, k, num_classes, split="1", **kw:
+               WideResNet(int(d), float(k) if "." in k else int(k), num_classes, split, **kw))
 for _name in _LAYOUTS:
     register_model(_name, lambda num_classes, split="1", _n=_name, **kw: ResNet(_n, num_classes, split, **kw))
 register_model("alexnet", lambda num_classes, split="1", **kw: AlexNet(num_classes, split, **kw))

@@ -58,12 +58,7 @@ SUPERCLASSES = sorted(set(CIFAR100_COARSE))  # coarse ids
 
 def select_classes(data: ImageArrays, classes: list[int]) -> ImageArrays:
     """The images of ``classes`` (fine labels), relabelled 0..len(classes)-1 in that order."""
-    import numpy as np
-
-    index = {c: i for i, c in enumerate(classes)}
-    keep = np.isin(data.labels, classes)
-    labels = np.array([index[int(c)] for c in data.labels[keep]], dtype=np.int64)
-    return ImageArrays(data.images[keep], labels, [data.class_names[c] for c in classes])
+    return data.select(classes)
 
 
 def subset_classes(name: str, seed: int) -> list[int]:

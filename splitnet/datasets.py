@@ -47,6 +47,14 @@ class ImageArrays:
         return ImageArrays(self.images[keep], self.labels[keep], self.class_names,
                            None if self.coarse_labels is None else self.coarse_labels[keep], self.coarse_names)
 
+    def select(self, classes: list[int]) -> "ImageArrays":
+        """The images of ``classes`` (label ids), relabelled ``0..len(classes)-1`` in that order."""
+        index = np.full(len(self.class_names), -1, dtype=np.int64)
+        index[np.asarray(classes, dtype=np.int64)] = np.arange(len(classes))
+        keep = np.flatnonzero(index[self.labels] >= 0)
+        return ImageArrays(self.images[keep], index[self.labels[keep]], [self.class_names[c] for c in classes],
+                           None if self.coarse_labels is None else self.coarse_labels[keep], self.coarse_names)
+
 
 def load_cifar100(root: str | os.PathLike = "../shared/data/cifar100", split: str = "train",
                   download: bool = False) -> ImageArrays:

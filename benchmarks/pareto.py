@@ -14,7 +14,7 @@ path with ``group.init: baseline`` (the demo's):
   epochs; the learning rate continues the second cosine across both.
 * ``random-k-S``: the same with random balanced groups (``group.assign: random``): the tree's capacity
   alone, without groups worth having.
-* ``distill-k-S-sN`` / ``plain-k-S-sN``: the finetune of ``splitnet-k-S`` again from the same cut tree,
+* ``distill-TEACHER-tT-wW-kK-S-sN`` / ``plain-kK-S-sN``: the finetune of ``splitnet-k-S`` again from the same cut tree,
   with the teacher of ``--distill`` (``grouped`` | ``baseline``, temperature, weight) and without, for
   every seed of ``--distill-seeds``: distillation's effect at two seeds, the grouping shared.
 
@@ -246,9 +246,10 @@ def distill_routes(b: Bench, k: float, split: str) -> list[dict]:
     group_name = f"splitnet-k{k:g}-{split}"
     base = b.done(group_name)
     out = []
+    tag = f"{which}-t{float(temperature):g}-w{float(weight):g}"
     for seed in b.args.distill_seeds:
         for kind, distill in (("plain", None), ("distill", spec)):
-            name = f"{kind}-k{k:g}-{split}-s{seed}"
+            name = f"{kind}-k{k:g}-{split}-s{seed}" if kind == "plain" else f"{kind}-{tag}-k{k:g}-{split}-s{seed}"
             if (r := b.done(name)) is None:
                 t0 = time.perf_counter()
                 top1, hist = finetune(b, group_name, name, distill, 100 + seed, k, split)
@@ -269,8 +270,9 @@ def frontier(dense: list[dict], weights: float) -> float | None:
     return None
 
 
-def analyse(routes: list[dict]) -> dict:
-    """Each tree against the frontier at its weights, against its random-group twin and its dense parent."""
+def analyse(routes: list[dict], distill: str = "") -> dict:
+    """Each tree against the frontier at its weights, against its random-group twin and its dense parent;
+    the distillation targets on the routes of teacher:temperature:weight ``distill``."""
     dense = [r for r in routes if r["family"] == "dense"]
     by = {r["route"]: r for r in routes}
     for r in routes:
@@ -289,7 +291,7 @@ def analyse(routes: list[dict]) -> dict:
         targets["on_or_above_frontier"] = all(r["vs_frontier_points"] is not None and r["vs_frontier_points"] >= 0
                                               for r in trees)
         targets["above_random_groups"] = all(r.get("vs_random_points", -1) > 0 for r in trees)
-    distilled = [r for r in routes if r["family"] == "distill"]
+    distilled = [r for r in routes if r["family"] == "distill" and r.get("distill") == distill]
     for k, bar in ((3, -1.5), (2, -2.0)):
         mine = [r for r in distilled if r["k"] == k]
         if mine:
@@ -313,7 +315,7 @@ def table(routes: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(routes: list[dict], path: Path, title: str) -> None:
+def plot(routes: list[dict], path: Path, title: str, distill: str = "") -> None:
     from splitnet.plots import _plt
 
     plt = _plt()
@@ -323,7 +325,7 @@ def plot(routes: list[dict], path: Path, title: str) -> None:
     for family, (color, marker, label) in styles.items():
         for split in sorted({r["split"] for r in routes if r["family"] == family}):
             pts = sorted((r["weights"], r["top1"]) for r in routes if r["family"] == family and r["split"] == split
-                         and r.get("seed", 0) == 0)
+                         and r.get("seed", 0) == 0 and r.get("distill") in (None, distill))
             if not pts:
                 continue
             ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], color=color, marker=marker,
@@ -405,7 +407,7 @@ def main(argv=None) -> int:
                 if args.distill != "none":
                     distill_routes(b, k, split)
     routes = collect(work)
-    targets = analyse(routes)
+    targets = analyse(routes, args.distill)
     result = {"routes": routes, "targets": targets, "settings": {k: v for k, v in vars(args).items() if k != "table"},
               "cpu": platform.processor() or platform.machine(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
@@ -420,7 +422,7 @@ def main(argv=None) -> int:
         (docs / "pareto.md").write_text(
             f"`benchmarks/pareto.py`: {args.epochs} epochs per route on CIFAR-100; written by the benchmark.\n\n"
             + text + "\n\ntargets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()) + "\n")
-        plot(routes, docs / "pareto.png", f"CIFAR-100, {args.epochs} epochs per route: top-1 against weights")
+        plot(routes, docs / "pareto.png", f"CIFAR-100, {args.epochs} epochs per route: top-1 against weights", args.distill)
     return 0
 
 

@@ -24,7 +24,7 @@ def test_a_killed_run_resumes_mid_route_and_ends_where_an_uninterrupted_one_does
     assert pareto.main([*TINY, "--work", str(whole), "--docs", str(tmp_path / "docs")]) == 0
     expected = _top1(whole)
     assert set(expected) == {"dense-k1", "splitnet-k1-2-2-2", "random-k1-2-2-2", "plain-k1-2-2-2-s0",
-                             "distill-k1-2-2-2-s0"}
+                             "distill-grouped-t4-w0.5-k1-2-2-2-s0"}
     assert (tmp_path / "docs" / "pareto.png").stat().st_size > 1000
     assert "| splitnet-k1-2-2-2 | splitnet | 1 | 2-2-2 |" in (tmp_path / "docs" / "pareto.md").read_text()
 

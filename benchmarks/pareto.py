@@ -16,7 +16,8 @@ path with ``group.init: baseline`` (the demo's):
   alone, without groups worth having.
 * ``distill-TEACHER-tT-wW-kK-S-sN`` / ``plain-kK-S-sN``: the finetune of ``splitnet-k-S`` again from the same cut tree,
   with the teacher of ``--distill`` (``grouped`` | ``baseline``, temperature, weight) and without, for
-  every seed of ``--distill-seeds``: distillation's effect at two seeds, the grouping shared.
+  every seed of ``--distill-seeds`` (for the splits of ``--distill-splits``): distillation's effect at two
+  seeds, the grouping shared.
 
 Resumable: each route checkpoints every epoch under ``--work`` (safetensors + JSON); a killed run
 continues where it stopped, a finished route is read back. ``--out`` gets the JSON; a table is
@@ -367,6 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--group-epochs", type=int, default=3, help="the grouping's share; the finetune gets the rest")
     ap.add_argument("--distill", default="grouped:4:0.5", help="teacher:temperature:weight, or none")
     ap.add_argument("--distill-seeds", default="0,1")
+    ap.add_argument("--distill-splits", default="2-2-2", help="the splits whose finetune is also run distilled")
     ap.add_argument("--superclasses", default="", help="only these CIFAR-100 superclasses' classes (comma-separated)")
     ap.add_argument("--per-class", type=int, default=0, help=">0: that many training images per class (smoke runs)")
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
@@ -382,6 +384,9 @@ def main(argv=None) -> int:
     if args.distill != "none" and (len(args.distill.split(":")) != 3 or args.distill.split(":")[0] not in ("grouped", "baseline")):
         ap.error("--distill: teacher:temperature:weight with teacher grouped or baseline, e.g. grouped:4:0.5")
     args.distill_seeds = [int(s) for s in args.distill_seeds.split(",") if s.strip()]
+    unknown = set(args.distill_splits.split(",")) - set(args.splits.split(",")) - {""}
+    if unknown:
+        ap.error(f"--distill-splits {','.join(sorted(unknown))}: not among --splits")
     work = Path(args.work)
     out = Path(args.out) if args.out else work / "pareto.json"
 
@@ -397,14 +402,16 @@ def main(argv=None) -> int:
         log(f"pareto: {b.classes} classes, {len(b.train)} / {len(b.test)} images, {args.epochs} epochs per route "
             f"({args.base_epochs} baseline + {args.group_epochs} group + {args.epochs - args.base_epochs - args.group_epochs} "
             f"finetune), {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
-        for k in sorted(set(widths) | set(tree_widths)):
+        for k in sorted(set(widths) | set(tree_widths)):  # narrow first: a tree's frontier is there before it
             dense_route(b, k)
-        for k in tree_widths:
+            if k not in tree_widths:
+                continue
             for split in args.splits.split(","):
                 group_route(b, k, split, "derived")
                 if args.random == "all":
                     group_route(b, k, split, "random")
-                if args.distill != "none":
+            for split in args.distill_splits.split(","):
+                if args.distill != "none" and split:
                     distill_routes(b, k, split)
     routes = collect(work)
     targets = analyse(routes, args.distill)

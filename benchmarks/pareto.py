@@ -15,7 +15,8 @@ path with ``group.init: baseline`` (the demo's):
 * ``random-k-S``: the same with random balanced groups (``group.assign: random``): the tree's capacity
   alone, without groups worth having.
 * ``distill-TEACHER-tT-wW-kK-S-sN`` / ``plain-kK-S-sN``: the finetune of ``splitnet-k-S`` again from the same cut tree,
-  with the teacher of ``--distill`` (``grouped`` | ``baseline``, temperature, weight) and without, for
+  with the teacher of ``--distill`` (``grouped`` | ``baseline`` | ``dense``: dense-k after the whole budget,
+  the pipeline's control; temperature, weight) and without, for
   every seed of ``--distill-seeds`` (for the splits of ``--distill-splits``): distillation's effect at two
   seeds, the grouping shared.
 
@@ -218,6 +219,9 @@ def _teacher(b: Bench, group_name: str, which: str, k: float, split: str):
     if which == "grouped":
         teacher = build_model(_arch(k), b.classes, split)
         teacher.load_state_dict(load_file(str(b.work / group_name / "grouped.safetensors")))
+    elif which == "dense":  # dense-k after the whole budget: the pipeline's control (its epochs are not the tree's)
+        teacher = build_model(_arch(k), b.classes, "1")
+        teacher.load_state_dict(load_file(str(b.work / f"dense-k{k:g}-rest" / "model.safetensors")))
     else:
         teacher = build_model(_arch(k), b.classes, "1")
         teacher.load_backbone_state_dict(load_file(str(b.work / f"dense-k{k:g}-baseline.safetensors")),
@@ -381,8 +385,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.base_epochs < args.epochs or not 0 < args.group_epochs < args.epochs - args.base_epochs:
         ap.error("--base-epochs < --epochs and 0 < --group-epochs < --epochs - --base-epochs (the finetune needs epochs)")
-    if args.distill != "none" and (len(args.distill.split(":")) != 3 or args.distill.split(":")[0] not in ("grouped", "baseline")):
-        ap.error("--distill: teacher:temperature:weight with teacher grouped or baseline, e.g. grouped:4:0.5")
+    if args.distill != "none" and (len(args.distill.split(":")) != 3
+                                   or args.distill.split(":")[0] not in ("grouped", "baseline", "dense")):
+        ap.error("--distill: teacher:temperature:weight with teacher grouped, baseline or dense, e.g. grouped:4:0.5")
     args.distill_seeds = [int(s) for s in args.distill_seeds.split(",") if s.strip()]
     unknown = set(args.distill_splits.split(",")) - set(args.splits.split(",")) - {""}
     if unknown:

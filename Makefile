@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data/cifar100
 OUT ?= runs/demo
 
-.PHONY: venv sysdeps demo serve test bench clean
+.PHONY: venv sysdeps demo serve test test-fast bench clean
 
 $(BIN)/splitnet: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ sysdeps:
 
 test: venv sysdeps
 	$(BIN)/python -m pytest -q tests --durations=15
+
+# the edit-test loop: unit tests only, no Ray, HTTP or subprocess runs (a few minutes on 2 cores)
+test-fast: venv
+	$(BIN)/python -m pytest -q tests -m "not integration" --durations=10
 
 bench: venv
 	$(BIN)/python benchmarks/split_forward.py

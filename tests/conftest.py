@@ -15,6 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = Path(os.environ.get("SPLITNET_CIFAR100", ROOT.parent / "shared" / "data" / "cifar100"))
 
 
+# The fast tier (`make test-fast`: `pytest -m "not integration"`) leaves out what starts real components:
+# every test that uses the session's Ray (directly or through another fixture) is marked here, and the
+# tests that run subprocesses, HTTP servers or whole pipelines carry `@pytest.mark.integration` (or a
+# module-level `pytestmark`).
+INTEGRATION_FIXTURES = {"ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -10,6 +10,8 @@ from conftest import CIFAR, ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import pareto  # noqa: E402
 
+pytestmark = pytest.mark.integration  # a whole benchmark, run twice (about a minute)
+
 TINY = ["--data", str(CIFAR), "--superclasses", "aquatic_mammals,vehicles_1", "--per-class", "16", "--widths", "1",
         "--tree-widths", "1", "--splits", "2-2-2", "--epochs", "3", "--base-epochs", "1", "--group-epochs", "1",
         "--distill", "grouped:4:0.5", "--distill-seeds", "0", "--random", "all", "--threads", "1"]

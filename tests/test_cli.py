@@ -12,6 +12,7 @@ def run(*args, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_plan_prints_dense_vs_split():
     r = run("plan", "--arch", "wrn-16-8", "--split", "2-2-2", "--num-classes", "100")
     assert r.returncode == 0, r.stderr
@@ -19,6 +20,7 @@ def test_plan_prints_dense_vs_split():
     assert "counting rule" in r.stdout
 
 
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_plan_json():
     r = run("plan", "--arch", "wrn-16-8", "--split", "2-4-4", "--num-classes", "100", "--json")
     assert r.returncode == 0, r.stderr
@@ -43,6 +45,7 @@ def _alexnet_counts(groups: int, classes: int = 1000) -> dict:
 
 @pytest.mark.parametrize("split,groups,params,reduction", [("2-2-2", 2, 31_789_864, 0.480),
                                                             ("4-4-4", 4, 17_134_376, 0.720)])
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_plan_alexnet_is_exact_to_the_parameter(split, groups, params, reduction):
     r = run("plan", "--arch", "alexnet", "--split", split, "--num-classes", "1000", "--json")
     assert r.returncode == 0, r.stderr
@@ -66,6 +69,7 @@ def test_plan_alexnet_is_exact_to_the_parameter(split, groups, params, reduction
     (["run"], "config"),
     (["frobnicate"], "invalid choice"),
 ])
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_bad_input_one_line_exit_2(args, fragment):
     r = run(*args)
     assert r.returncode == 2

@@ -166,6 +166,7 @@ def _cli(*args):
                           timeout=120)
 
 
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_cli_run_bad_config_is_one_line_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("group:\n  epochs: 3\n  learning_rate: 0.1\n")
@@ -183,6 +184,7 @@ def test_cli_run_bad_config_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "group.epochs: must be > 0" in r.stderr
 
 
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_cli_print_config_shows_the_resolved_config():
     r = _cli("run", str(ROOT / "pipelines/configs/demo.yaml"), "group.epochs=5", "--print-config")
     assert r.returncode == 0, r.stderr
@@ -246,6 +248,7 @@ def test_an_overlays_values_are_validated_with_the_rest(tmp_path):
         load_config(IN22K, overlays=[overlay])
 
 
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_cli_run_takes_overlays_then_overrides(tmp_path):
     r = _cli("run", str(IN22K), str(REHEARSAL), "data.source=/tmp/in22k", "group.max_steps_per_epoch=3", "--print-config")
     assert r.returncode == 0, r.stderr

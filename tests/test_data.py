@@ -154,6 +154,7 @@ def test_validation_membership_is_stable():
     assert [in_validation(k, 0.1) for k in keys[:50]] == [in_validation(k, 0.1) for k in keys[:50]]
 
 
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_prepare_cli_bad_input_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(tmp_path), "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True)
@@ -290,6 +291,7 @@ def test_uri_paths_and_bad_record_summary_line(ray_cluster, tmp_path):
         read_dataset(str(tmp_path / "pq"), concurrency=2, num_cpus=1.0, log_name=None)
 
 
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_prepare_cli_end_to_end(tmp_path):
     make_imagefolder(tmp_path / "src")
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(tmp_path / "src"), "--out",

@@ -188,6 +188,7 @@ def _cli(*args):
 
 @pytest.mark.parametrize("case", ["images_next_to_class_folders", "class_folders_nested_deeper",
                                   "test_class_not_in_train", "single_class", "empty_class_folder"])
+@pytest.mark.integration  # a subprocess run of the CLI
 def test_splitnet_prepare_refuses_in_one_line_with_exit_2(tmp_path, case):
     """The issue's five refusals through the real command line."""
     build, fragment = REFUSED[case]

@@ -24,6 +24,8 @@ import yaml
 from conftest import ROOT
 from rehearse import env as _env, post as _post, served, splitnet as _splitnet, vm_hwm_bytes as _vm_hwm_bytes
 
+pytestmark = pytest.mark.integration  # real components: Ray, Ray Serve over HTTP, subprocess runs
+
 CLASSES = 21841
 IN22K = ROOT / "pipelines/configs/imagenet22k-resnet50.yaml"
 REHEARSAL = ROOT / "pipelines/configs/rehearsal-cpu.yaml"

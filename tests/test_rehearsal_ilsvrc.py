@@ -25,6 +25,8 @@ import yaml
 
 from rehearse import RayStartHead, env, post, served, splitnet
 
+pytestmark = pytest.mark.integration  # real components: Ray, Ray Serve over HTTP, subprocess runs
+
 CLASSES = 1000
 RECIPE = "pipelines/configs/ilsvrc2012-alexnet.yaml"
 REHEARSAL = "pipelines/configs/rehearsal-ilsvrc2012-cpu.yaml"

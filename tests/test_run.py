@@ -18,6 +18,8 @@ from conftest import CIFAR, ROOT
 from rehearse import wait_for
 from pipelines.config import load_config
 
+pytestmark = pytest.mark.integration  # real components: Ray clusters, whole pipelines, subprocess runs of the CLI
+
 FAST_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "SPLITNET_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
 
 
@@ -296,6 +298,7 @@ import ray
 from ray.cluster_utils import Cluster
 from pipelines.config import load_config
 from pipelines.run import run
+
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
 cluster.add_node(num_cpus=2)

@@ -20,6 +20,8 @@ from pipelines.data.prepare import prepare
 from pipelines.data.records import DecodeConfig
 from pipelines.data.stream import bad_record_log, list_shards, read_dataset, resolve
 
+pytestmark = pytest.mark.integration  # real components: Ray, Ray Serve over HTTP, subprocess runs
+
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
         # never ask the EC2 metadata address for credentials or a region: only the loopback is reachable
         "AWS_EC2_METADATA_DISABLED": "true"}

@@ -33,6 +33,8 @@ from splitnet.artifacts import load_tree
 
 from conftest import CIFAR, RAY_PORTS, ROOT, free_port, randomize
 
+pytestmark = pytest.mark.integration  # real components: Ray, Ray Serve over HTTP, subprocess runs
+
 NAMES = ["apple", "bear", "bicycle", "castle", "cloud", "dolphin", "maple_tree", "orchid", "rocket", "tiger",
          "train", "wolf"]
 MEAN, STD = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]

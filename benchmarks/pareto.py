@@ -370,8 +370,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10, help="every route's budget")
     ap.add_argument("--base-epochs", type=int, default=5, help="the baseline's share (trees branch off there)")
     ap.add_argument("--group-epochs", type=int, default=3, help="the grouping's share; the finetune gets the rest")
-    ap.add_argument("--distill", default="baseline:4:0.2", help="teacher:temperature:weight, or none (the default:
-                    "the best of the demo-setting sweep, docs/verdict.md)")
+    ap.add_argument("--distill", default="baseline:4:0.2",
+                    help="teacher:temperature:weight, or none (default: the demo-setting sweep's best, docs/verdict.md)")
     ap.add_argument("--distill-seeds", default="0,1")
     ap.add_argument("--distill-splits", default="2-2-2", help="the splits whose finetune is also run distilled")
     ap.add_argument("--superclasses", default="", help="only these CIFAR-100 superclasses' classes (comma-separated)")

@@ -74,10 +74,12 @@ def test_a_subtree_sent_only_its_channels_answers_the_same(saved):
 
 
 def test_load_subtree_reads_only_its_own_file(saved):
-    _, _, directory = saved
+    tree, _, directory = saved
     (directory / "subtree-0.safetensors").unlink()
-    sub, _ = load_subtree(directory, 1)  # still fine: subtree-0 is not needed
-    assert sub is not None
+    sub, _ = load_subtree(directory, 1)  # still fine: subtree-0 is not needed, and it answers as the tree's own
+    features = tree.trunk(torch.randn(2, 3, 32, 32)).detach()
+    with torch.no_grad():
+        assert torch.equal(sub(features), tree.forward_subtree(1, features))
     with pytest.raises(ArtifactError, match="missing weight file"):
         load_subtree(directory, 0)
     with pytest.raises(ArtifactError, match="subtree 5 does not exist"):

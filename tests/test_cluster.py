@@ -533,10 +533,15 @@ def test_launcher_validates_against_rays_schema():
 
 
 def test_launcher_passes_rays_own_validation():
-    """ray's validate_config (schema + its cross-field rules) on the config merged with AWS defaults, offline."""
+    """ray's validate_config (schema + its cross-field rules) on the config merged with AWS defaults, offline:
+    it raises on a broken config (shown on one), and returns on ours."""
     from ray.autoscaler._private.util import fillout_defaults, validate_config
 
-    validate_config(fillout_defaults(copy.deepcopy(cluster_docs()["launcher-aws.yaml"])))
+    broken = copy.deepcopy(cluster_docs()["launcher-aws.yaml"])
+    broken["max_workers"] = "many"
+    with pytest.raises(Exception):
+        validate_config(fillout_defaults(broken))
+    assert validate_config(fillout_defaults(copy.deepcopy(cluster_docs()["launcher-aws.yaml"]))) is None
 
 
 def test_launcher_file_mounts_point_at_the_checkout():

@@ -521,19 +521,26 @@ def _load(url: str, photo: bytes, stop, results: list):
         results.append(post(url + "/predict", photo, timeout=120)[:2])
 
 
-def test_killing_one_of_two_subtree_replicas_loses_no_request(run_dir, http_port, photos):
+@pytest.mark.parametrize("deployment", ["subtree-0", "trunk"])
+def test_killing_one_of_two_replicas_loses_no_request(run_dir, http_port, photos, deployment):
+    """Two replicas of a subtree, or of the trunk, under load; one is killed: every request is answered
+    (a subtree's caller retries on the other replica; the trunk is the ingress, so the proxy replays a
+    request whose trunk replica died, pipelines.serve.proxy, where Serve's proxy alone answers a plain
+    500), and Serve replaces the dead replica while the other one keeps running."""
     from ray import serve
 
-    url = _deploy(run_dir, http_port, "faults2", subtree_replicas={0: 2})
+    app = {"subtree-0": "faults2", "trunk": "trunk2"}[deployment]
+    replicas = {"subtree_replicas": {0: 2}} if deployment == "subtree-0" else {"trunk_replicas": 2}
+    url = _deploy(run_dir, http_port, app, **replicas)
     try:
-        before = replica_pids("faults2")
-        assert len(before["subtree-0"]) == 2
+        before = replica_pids(app)
+        assert len(before[deployment]) == 2
         results: list = []
         done = []
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(_load, url, photos[0], lambda: bool(done), results) for _ in range(4)]
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(_load, url, photos[0], lambda: bool(done), results) for _ in range(6)]
             wait_for(lambda: len(results) >= 20, "load to start")
-            os.kill(before["subtree-0"][0], signal.SIGKILL)
+            os.kill(before[deployment][0], signal.SIGKILL)
             killed_at = len(results)
             wait_for(lambda: len(results) >= killed_at + 60, "requests after the kill")
             done.append(1)
@@ -541,10 +548,11 @@ def test_killing_one_of_two_subtree_replicas_loses_no_request(run_dir, http_port
                 f.result()
         statuses = [s for s, _ in results]
         assert statuses.count(200) == len(statuses), [r for r in results if r[0] != 200][:3]
-        # Serve replaces the dead replica
-        wait_for(lambda: len(replica_pids("faults2").get("subtree-0", [])) == 2, "subtree-0 back to 2 replicas")
+        after = wait_for(lambda: (lambda p: p if len(p.get(deployment, [])) == 2 else None)(replica_pids(app)),
+                         f"{deployment} back to 2 replicas")
+        assert before[deployment][0] not in after[deployment] and before[deployment][1] in after[deployment]
     finally:
-        serve.delete("faults2")
+        serve.delete(app)
 
 
 def test_single_replica_death_answers_503_fast_and_recovers(run_dir, http_port, photos, offline):
@@ -577,37 +585,6 @@ def test_single_replica_death_answers_503_fast_and_recovers(run_dir, http_port, 
         assert get(url + "/healthz")[1]["status"] == "ok"
     finally:
         serve.delete("faults1")
-
-
-def test_killing_one_of_two_trunk_replicas_loses_no_request(run_dir, http_port, photos):
-    """The trunk is the ingress: the proxy replays a request whose trunk replica died on the other
-    one (pipelines.serve.proxy; Serve's proxy alone answers those with a plain 500)."""
-    from ray import serve
-
-    url = _deploy(run_dir, http_port, "trunk2", trunk_replicas=2)
-    try:
-        before = replica_pids("trunk2")
-        assert len(before["trunk"]) == 2
-        results: list = []
-        done = []
-        with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(_load, url, photos[0], lambda: bool(done), results) for _ in range(6)]
-            wait_for(lambda: len(results) >= 20, "load to start")
-            os.kill(before["trunk"][0], signal.SIGKILL)
-            killed_at = len(results)
-            wait_for(lambda: len(results) >= killed_at + 60, "requests after the kill")
-            done.append(1)
-            for f in futures:
-                f.result()
-        statuses = [s for s, _ in results]
-        assert statuses.count(200) == len(statuses), [r for r in results if r[0] != 200][:3]
-        after = wait_for(lambda: (lambda p: p if len(p.get("trunk", [])) == 2 else None)(replica_pids("trunk2")),
-                         "the trunk back to 2 replicas")
-        assert before["trunk"][0] not in after["trunk"] and before["trunk"][1] in after["trunk"]
-    finally:
-        serve.delete("trunk2")
-
-
 def test_single_trunk_replica_death_answers_503_json_and_recovers(app, photos):
     """With one trunk replica, requests during its restart get 503 {"error"} with Retry-After (not
     Serve's plain 500, nor a wait for the whole restart), and answers resume by themselves."""

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from splitnet import build_model
@@ -30,8 +31,16 @@ def test_plain_training_learns_and_evaluate_counts():
     for _ in range(5):
         last = train_one_epoch(model, synthetic(), opt)
     assert "weight" not in last and last["ce"] < first["ce"]
-    result = evaluate(model, synthetic(seed=1))
-    assert result["images"] == 64 and 0 <= result["top1"] <= result["top5"] <= 1
+    held_out = synthetic(seed=1)
+    result = evaluate(model, held_out)
+    model.eval()
+    with torch.no_grad():  # what evaluate must count: the same sums, by hand
+        logits = torch.cat([model(x) for x, _ in held_out])
+    y = torch.cat([y for _, y in held_out])
+    assert result["images"] == 64
+    assert result["top1"] == (logits.argmax(1) == y).float().mean().item()
+    assert result["top5"] == 1.0  # 4 classes: every label is in the top 5
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
 
 
 def _twin_steps(compiled_forward, seed=0):

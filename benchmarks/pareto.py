@@ -57,7 +57,7 @@ from splitnet.precision import choose_precision  # noqa: E402
 from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
 from splitnet.train import evaluate, format_epoch, train_one_epoch  # noqa: E402
 
-from pipelines.stages import load_optimizer, save_optimizer  # noqa: E402
+from pipelines.checkpoints import load_optimizer, save_optimizer  # noqa: E402
 
 LR, WEIGHT_DECAY, BATCH = 0.1, 5e-4, 128
 

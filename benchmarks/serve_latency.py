@@ -54,7 +54,7 @@ def make_tree(arch: str, split: str, classes: int, out: Path) -> tuple[str, str]
     """A random tree + the dense weights it was cut from: (tree dir, dense weights file)."""
     import torch
 
-    from pipelines.stages import save_state
+    from pipelines.checkpoints import save_state
     from splitnet import build_model, cut
     from splitnet.accounting import model_cost
 

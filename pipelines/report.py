@@ -75,7 +75,7 @@ def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents, recor
     (deterministic)."""
     from splitnet.partition import classifier_class_groups
 
-    from .stages import load_state_file
+    from .checkpoints import load_state_file
 
     if recorded is not None:
         start, source = list(recorded), "warm-up" if warmed else "baseline"
@@ -166,7 +166,7 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
     from splitnet.models import CLASSES
     from splitnet.plots import plot_assignment, plot_group_semantics, plot_split_layers, plot_tree
 
-    from .stages import load_state_file
+    from .checkpoints import load_state_file
 
     with rd.local_copy("tree") as d:
         manifest = read_manifest(d)

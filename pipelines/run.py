@@ -545,7 +545,7 @@ def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, st
     from splitnet.accounting import model_cost
     from splitnet.grouping import off_block_energy
 
-    from .stages import load_state_file
+    from .checkpoints import load_state_file
 
     cfg = from_dict(cfg_dict)
     rd = RunDir(cfg.run_dir)

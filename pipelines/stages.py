@@ -9,7 +9,8 @@ steps). Rank 0 prints one progress line per epoch and writes the stage's output 
 directory when the stage ends.
 
 Checkpoints hold ``model.safetensors``, ``optimizer.safetensors`` (tensors) +
-``optimizer.json`` (the rest) and ``progress.json``: nothing in them is unpickled.
+``optimizer.json`` (the rest) and ``progress.json``: nothing in them is unpickled
+(:mod:`pipelines.checkpoints`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from splitnet.precision import choose_precision
 from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
 from splitnet.train import CompiledForward, evaluate, format_epoch, train_one_epoch
 
+from .checkpoints import load_optimizer, load_state_file, save_optimizer, save_state
 from .config import PipelineConfig, from_dict
 from .rundir import RunDir
 
@@ -50,61 +52,6 @@ def _step_progress(config: dict, stage: str, epochs: int, steps: int, images_per
     actor = config.get("progress")
     return StepProgress(lambda status: say_status(status, actor), stage, epochs, steps, images_per_step,
                         float(config.get("progress_every_s", 30.0)))
-
-
-# ---- model and optimizer state, without pickle --------------------------------------------
-
-def save_state(module_or_state, path: Path) -> None:
-    """A module's state dict (or a state dict) as safetensors."""
-    from safetensors.torch import save_file
-
-    state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-
-
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from ``.safetensors``, or a torchvision-style ``.pth`` read with ``weights_only=True``."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def save_optimizer(opt: torch.optim.Optimizer, directory: Path) -> None:
-    """Optimizer state as safetensors (tensors) + JSON (hyper-parameters, steps)."""
-    from safetensors.torch import save_file
-
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for key, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    save_file(tensors, str(directory / "optimizer.safetensors"))
-    (directory / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
-
-
-def load_optimizer(opt: torch.optim.Optimizer, directory: Path, device) -> None:
-    from safetensors.torch import load_file
-
-    meta = json.loads((directory / "optimizer.json").read_text())
-    state: dict[int, dict] = {}
-    for key, value in load_file(str(directory / "optimizer.safetensors"), device=str(device)).items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    for key, value in meta["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 # ---- learning-rate schedule ---------------------------------------------------------------

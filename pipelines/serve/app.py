@@ -286,7 +286,7 @@ class _Model:
         else:
             from splitnet.models import build_model
 
-            from pipelines.stages import load_state_file
+            from pipelines.checkpoints import load_state_file
 
             if not dense_weights:
                 raise ValueError("mode 'dense' needs dense_weights (a model.safetensors of the dense model)")

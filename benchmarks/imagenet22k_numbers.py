@@ -1,6 +1,6 @@
 """The full-size ImageNet-22K model's numbers: ResNet-50, layer4 + fc in 4 groups, 21,841 classes.
 
-1. Dense vs split weights / params / FLOPs at 224 px (``splitnet.accounting.plan``, balanced groups).
+1. Dense vs split weights / params / FLOPs at 224 px (``pipelines.plan.plan``, balanced groups).
 2. A real cut of a randomly initialised ResNet-50 4-4 with 21,841 WordNet classes, saved with
    ``tree.save``: each subtree's weight file, classes and parameters (and the trunk's).
 3. Peak RSS (VmHWM) of a fresh process that loads one subtree with ``load_subtree`` and answers a
@@ -165,7 +165,8 @@ def main():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     from pipelines.data.synthetic import choose_wnids, lexicographer_files
     from splitnet import build_model, cut
-    from splitnet.accounting import model_cost, plan
+    from pipelines.plan import plan
+    from splitnet.accounting import model_cost
     from splitnet.artifacts import read_manifest
     from splitnet.wordnet import DEFAULT_PATH, load_nouns
 

@@ -39,7 +39,7 @@ def _fmt(n: float, unit: str = "M", scale: float = 1e6) -> str:
 
 
 def cmd_plan(args) -> int:
-    from splitnet.accounting import plan
+    from .plan import plan
 
     result = plan(args.arch, args.split, args.num_classes, args.input_size)
     if args.json:

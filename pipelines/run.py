@@ -24,11 +24,10 @@ from typing import Callable
 import yaml
 
 from .config import PipelineConfig, differences, from_dict, to_dict
+from .data.records import IMAGENET_MEAN, IMAGENET_STD
 from .rundir import RunDir
 
 STAGES = ("prepare", "baseline", "group", "cut", "finetune", "control", "evaluate", "report")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class PipelineError(RuntimeError):

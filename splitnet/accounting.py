@@ -90,25 +90,3 @@ def tree_cost(tree, input_size: int) -> dict:
 def reduction(dense: dict, split: dict) -> dict:
     """Fractions saved by the split, e.g. {"weights": 0.479, "flops": 0.347} (0.479 = 47.9% fewer)."""
     return {k: 1.0 - split[k] / dense[k] for k in ("weights", "params", "flops") if dense.get(k)}
-
-
-def plan(arch: str, split: str, num_classes: int, input_size: int | None = None) -> dict:
-    """Dense vs split cost of ``arch`` with balanced groups, without training.
-
-    Returns {arch, split, num_classes, input_size, dense, split_tree, reduction, ideal_speedup}.
-    """
-    from .models import build_model
-    from .tree import balanced_assignment, build_tree
-
-    input_size = input_size or default_input_size(arch)
-    model = build_model(arch, num_classes, split).eval()
-    if input_size < model.min_input_size:
-        raise ValueError(f"--input-size {input_size}: {arch} takes images of at least {model.min_input_size} px")
-    dense = model_cost(model, input_size)
-    tree = build_tree(model, balanced_assignment(model)).eval()
-    cost = tree_cost(tree, input_size)
-    return {"arch": arch, "split": str(model.split), "num_classes": num_classes, "input_size": input_size,
-            "counting_rule": "weights = conv + linear weight elements (BN and biases excluded); "
-                             "flops = 2 x MACs of conv + linear per image; groups balanced",
-            "dense": dense, "split_tree": cost, "reduction": reduction(dense, cost),
-            "ideal_speedup": dense["flops"] / cost["flops"]}

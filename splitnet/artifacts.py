@@ -22,6 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .accounting import default_input_size, reduction, tree_cost
+
 FORMAT = "splitnet-tree/1"
 MANIFEST = "manifest.yaml"
 
@@ -53,7 +55,6 @@ def save_tree(tree, directory: str | os.PathLike, input_size: int | None = None,
     ``dense_cost`` (from :func:`splitnet.accounting.model_cost`) adds the dense model's counts
     and the reduction to the manifest.
     """
-    from .accounting import default_input_size, reduction, tree_cost
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from splitnet import build_model, cut, hard_assignment, mask_off_block_weights_
-from splitnet.accounting import count_weights, plan
+from pipelines.plan import plan
+from splitnet.accounting import count_weights
 from splitnet.models import CLASSES
 from splitnet.tree import build_tree, enforce_minimum
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -46,9 +45,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from splitnet import build_model, cut  # noqa: E402
-from splitnet.accounting import count_weights, model_cost, tree_cost  # noqa: E402
+from splitnet.accounting import model_cost, tree_cost  # noqa: E402
 from splitnet.artifacts import load_tree  # noqa: E402
 from splitnet.datasets import iterate_batches, load_cifar100  # noqa: E402
 from splitnet.distill import Distiller  # noqa: E402
@@ -57,7 +56,7 @@ from splitnet.precision import choose_precision  # noqa: E402
 from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
 from splitnet.train import evaluate, format_epoch, train_one_epoch  # noqa: E402
 
-from pipelines.checkpoints import load_optimizer, save_optimizer  # noqa: E402
+from pipelines.checkpoints import load_optimizer, save_optimizer, save_state  # noqa: E402
 
 LR, WEIGHT_DECAY, BATCH = 0.1, 5e-4, 128
 
@@ -137,7 +136,7 @@ class Bench:
             state["history"].append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
             if grouping is not None:
                 state["grouping"] = grouping.state()
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+            save_state(model, d / "model.safetensors")
             save_optimizer(opt, d)
             (d / "state.json").write_text(json.dumps(state))
             self.log(format_epoch(name, epoch + 1, epochs, stats))
@@ -166,7 +165,7 @@ def dense_route(b: Bench, k: float) -> dict:
     if not base_path.exists():
         total = a.base_epochs * b.steps_per_epoch
         hist = b.epochs(f"{name}-baseline", model, a.base_epochs, lr_at=lambda s: _cosine(s / total), seed=a.seed)
-        save_file({k_: v.contiguous() for k_, v in model.backbone_state_dict().items()}, str(base_path))
+        save_state(model.backbone_state_dict(), base_path)
         (b.work / f"{name}-baseline-result.json").write_text(json.dumps({"top1": b.score(model), "history": hist}))
     baseline = json.loads((b.work / f"{name}-baseline-result.json").read_text())
     model.load_backbone_state_dict(load_file(str(base_path)), skip_fc_mismatch=False)
@@ -198,7 +197,7 @@ def group_route(b: Bench, k: float, split: str, assign: str) -> dict:
         hist = b.epochs(f"{name}/group", model, a.group_epochs, lr_at=lambda s: _cosine(s / rest), seed=a.seed + 1,
                         grouping=grouping)
         grouped = b.score(model)
-        save_file({k_: v.contiguous() for k_, v in model.state_dict().items()}, str(b.work / name / "grouped.safetensors"))
+        save_state(model, b.work / name / "grouped.safetensors")
         model.eval()
         tree = cut(model)
         tree.save(cut_dir, input_size=32, dense_cost=model_cost(model, 32))
@@ -356,8 +355,9 @@ def plot(routes: list[dict], path: Path, title: str, distill: str = "") -> None:
 
 
 def collect(work: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(work.glob("*.json"))
-            if not p.name.endswith("-result.json") and "route" in json.loads(p.read_text())]
+    """Every finished route's JSON in ``work`` (each file read once)."""
+    found = (json.loads(p.read_text()) for p in sorted(work.glob("*.json")) if not p.name.endswith("-result.json"))
+    return [r for r in found if "route" in r]
 
 
 def main(argv=None) -> int:

@@ -93,13 +93,14 @@ def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents, recor
 
 def budgets(c: dict) -> dict:
     """Training epochs behind the tree and the dense models, from the config (a dict): ``tree`` /
-    ``baseline`` / ``control`` epochs (counted from scratch, or from the pretrained weights: ``pretrained``),
-    and ``equal``: whether the baseline alone is at the tree's budget."""
+    ``baseline`` epochs (the control trains the tree's; counted from scratch, or from the pretrained weights:
+    ``pretrained``),
+    and ``equal``: whether the baseline alone is at the tree's budget (the control always is)."""
     b, g, f = c["baseline"]["epochs"], c["group"]["epochs"], c["finetune"]["epochs"]
     init = c["group"]["init"]
     tree = (b if init == "baseline" else 0) + g + f
     pretrained = init == "pretrained" or (init == "baseline" and bool(c["model"].get("pretrained")))
-    return {"tree": tree, "baseline": b, "control": tree, "pretrained": pretrained,
+    return {"tree": tree, "baseline": b, "pretrained": pretrained,
             "equal": b == tree,
             "tree_parts": (f"{b} + {g} + {f}" if init == "baseline" else f"{g} + {f}")}
 
@@ -110,18 +111,18 @@ def comparison(c: dict, metrics: dict) -> dict:
     bud = budgets(c)
     epochs = "epochs" + (" from the pretrained weights" if bud["pretrained"] else "")
     if metrics.get("control"):
-        return {"name": "control", "model": metrics["control"], "equal": True, "epochs": bud["tree"],
+        return {"name": "control", "model": metrics["control"], "equal": True,
                 "what": f"the dense model trained for the same budget ({bud['tree_parts']} = {bud['tree']} {epochs})"}
     if metrics.get("baseline") and bud["equal"]:
-        return {"name": "baseline", "model": metrics["baseline"], "equal": True, "epochs": bud["tree"],
+        return {"name": "baseline", "model": metrics["baseline"], "equal": True,
                 "what": f"the dense baseline, trained for the same budget ({bud['tree']} {epochs})"}
     if metrics.get("baseline"):
         more = bud["tree"] - bud["baseline"]
-        return {"name": "baseline", "model": metrics["baseline"], "equal": False, "epochs": bud["baseline"],
+        return {"name": "baseline", "model": metrics["baseline"], "equal": False,
                 "what": f"the dense baseline, NOT at equal budget: it trained {bud['baseline']} {epochs}, the tree "
                         f"{bud['tree_parts']} = {bud['tree']} ({more:+d}); not checked (control.enabled: true trains "
                         f"the dense model of the tree's budget)"}
-    return {"name": None, "model": None, "equal": False, "epochs": None, "what": "no dense model in this run"}
+    return {"name": None, "model": None, "equal": False, "what": "no dense model in this run"}
 
 
 def _checks(metrics: dict, counts: dict, cut_result: dict, semantic: dict | None, versus: dict) -> dict:
@@ -258,7 +259,7 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
 def summary(r: dict) -> str:
     """The "what this means" paragraph: what was cut, what it cost, whether the checks pass."""
     c, m, red, ch = r["config"], r["models"], r["reduction"], r["checks"]
-    base, grouped, cut_m, tree, control = m["baseline"], m["grouped"], m["cut"], m["tree"], m.get("control")
+    grouped, cut_m = m["grouped"], m["cut"]
     energy = ch["off_block_energy"]
     parts = [f"The grouping split {c['model']['arch']} into a trunk and {len(r['subtrees'])} subtrees "
              f"(split {c['model']['split']}, {len(r['groups'])} class groups of "
@@ -270,7 +271,7 @@ def summary(r: dict) -> str:
                    f"{energy['value']:.2%} of the weight energy in the worst split layer ({energy['layer']})")
         effect = f"gained {-cost:.1f} points of top-1" if cost < 0 else f"cost {cost:.1f} points of top-1"
         parts.append(f"The cut dropped {dropped}, and {effect} ({grouped['top1']:.3f} grouped -> {cut_m['top1']:.3f} cut).")
-    parts.append(_verdict(c, tree, base, control))
+    parts.append(_verdict(c, m))
     ref = _semantic_ref(r["semantic"])
     if ref:
         parts.append(f"The class groups {'follow' if ch['semantic_groups']['ok'] else 'do NOT clearly follow'} the "
@@ -300,23 +301,23 @@ def summary(r: dict) -> str:
     return " ".join(parts)
 
 
-def _verdict(c: dict, tree: dict, base: dict | None, control: dict | None) -> str:
-    """The accuracy sentence: the tree against the dense model of its budget, or plainly not at equal budget."""
-    bud = budgets(c)
-    t = tree["top1"]
-    if control:
-        out = (f"Finetuned, the tree reaches {t:.3f} against {control['top1']:.3f} for the dense model trained for the "
-               f"same budget ({bud['tree_parts']} = {bud['tree']} epochs), {(t - control['top1']) * 100:+.1f} points")
-        if base:
-            out += f"; the dense baseline ({bud['baseline']} epochs) reached {base['top1']:.3f}"
-        return out + "."
-    if not base:
+def _verdict(c: dict, metrics: dict) -> str:
+    """The accuracy sentence: the tree against the dense model of its budget (:func:`comparison`), or plainly
+    not at equal budget."""
+    bud, versus = budgets(c), comparison(c, metrics)
+    t, base = metrics["tree"]["top1"], metrics.get("baseline")
+    if versus["name"] is None:
         return f"Finetuned, the tree reaches {t:.3f} (no dense model in this run)."
-    if bud["equal"]:
+    gap = (t - versus["model"]["top1"]) * 100
+    if versus["name"] == "control":
+        out = (f"Finetuned, the tree reaches {t:.3f} against {versus['model']['top1']:.3f} for the dense model trained "
+               f"for the same budget ({bud['tree_parts']} = {bud['tree']} epochs), {gap:+.1f} points")
+        return out + (f"; the dense baseline ({bud['baseline']} epochs) reached {base['top1']:.3f}." if base else ".")
+    if versus["equal"]:
         return (f"Finetuned, the tree reaches {t:.3f} against {base['top1']:.3f} for the dense baseline trained for the "
-                f"same budget ({bud['tree']} epochs), {(t - base['top1']) * 100:+.1f} points.")
+                f"same budget ({bud['tree']} epochs), {gap:+.1f} points.")
     return (f"Finetuned, the tree reaches {t:.3f} against {base['top1']:.3f} for the dense baseline "
-            f"({(t - base['top1']) * 100:+.1f} points), but that is NOT an equal budget: the baseline trained "
+            f"({gap:+.1f} points), but that is NOT an equal budget: the baseline trained "
             f"{bud['baseline']} epochs, the tree {bud['tree_parts']} = {bud['tree']}, so no check is passed on the "
             "difference (control.enabled: true trains the dense model of the tree's budget).")
 

@@ -520,7 +520,7 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
         log(f"[{stage}] {st.epochs} epochs x {spe} steps, batch {st.batch_size} {on}")
     loop_config = {"cfg": to_dict(cfg), "stage": stage, "progress": getattr(log, "name", None), "precision": precision,
                    "progress_every_s": progress_interval(log),
-                   "num_classes": info.num_classes, "steps_per_epoch": spe,
+                   "num_classes": info.num_classes, "steps_per_epoch": spe if isinstance(spe, dict) else {stage: spe},
                    "mean": info.mean, "std": info.std}
     datasets = _datasets(cfg, info, True, epoch_seed=STAGES.index(stage), cache=cache)
     loop_config["augment_in_workers"] = bool(cache and cache.enabled)  # decoded once: pad/crop/flip per batch there

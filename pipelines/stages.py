@@ -87,6 +87,13 @@ def epoch_plan(cfg: PipelineConfig, stage: str, steps_per_epoch: dict[str, int])
 
 # ---- models of each stage -----------------------------------------------------------------
 
+def load_dense_output(model, rd: RunDir, stage: str):
+    """``model`` with the dense weights a stage wrote (``baseline/`` or ``control/``), classifier included."""
+    with rd.local_copy(stage) as d:
+        model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+    return model
+
+
 def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: int):
     """The model a stage trains or starts from (before any checkpoint is restored)."""
     m = cfg.model
@@ -99,8 +106,7 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
         model = build_model(m.arch, num_classes, m.split, split_dropout=m.split_dropout)
         init, skipped = cfg.group.init, []
         if init == "baseline":
-            with rd.local_copy("baseline") as d:
-                model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+            load_dense_output(model, rd, "baseline")
         elif init == "pretrained":
             skipped = model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
         derived = cfg.group.method == "staged" and cfg.group.assign in ("derived", "random")  # at the warm-up's end
@@ -116,8 +122,7 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
     if stage == "control":  # dense, from where the grouping started
         model = build_model(m.arch, num_classes, "1")
         if cfg.group.init == "baseline":
-            with rd.local_copy("baseline") as d:
-                model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+            load_dense_output(model, rd, "baseline")
         elif cfg.group.init == "pretrained":
             model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
         return model
@@ -145,10 +150,7 @@ def build_teacher(cfg: PipelineConfig, rd: RunDir, num_classes: int):
         with rd.local_copy("group") as d:
             teacher.load_state_dict(load_state_file(Path(d) / "model.safetensors"))
         return teacher
-    teacher = build_model(cfg.model.arch, num_classes, "1")
-    with rd.local_copy("baseline") as d:
-        teacher.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
-    return teacher
+    return load_dense_output(build_model(cfg.model.arch, num_classes, "1"), rd, "baseline")
 
 
 def _fetch(rd: RunDir, uri: str) -> str:
@@ -281,8 +283,8 @@ def _setup(cfg: PipelineConfig):
 def train_loop(config: dict) -> None:
     """``TorchTrainer(train_loop_per_worker=train_loop, train_loop_config=...)`` for a training stage.
 
-    config: {"cfg": the pipeline config as a dict, "stage", "num_classes", "steps_per_epoch" (the
-    control's: {"group": steps, "finetune": steps}), "mean", "std"}.
+    config: {"cfg": the pipeline config as a dict, "stage", "num_classes", "steps_per_epoch" ({stage:
+    steps}; the control's {"group": steps, "finetune": steps}), "mean", "std"}.
     """
     import ray.train
     import ray.train.torch
@@ -290,8 +292,7 @@ def train_loop(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     say = _sayer(config.get("progress"))
     stage = config["stage"]
-    spe = config["steps_per_epoch"]
-    plan = epoch_plan(cfg, stage, spe if isinstance(spe, dict) else {stage: spe})
+    plan = epoch_plan(cfg, stage, config["steps_per_epoch"])
     st, steps_per_epoch = plan[0][0], plan[0][1]  # the stage's (the control: its first phase's)
     epochs = len(plan)
     rd = RunDir(cfg.run_dir)
@@ -509,9 +510,7 @@ def evaluate_loop(config: dict) -> None:
     models = {}
     for dense in ("baseline", "control"):
         if getattr(cfg, dense).enabled and rd.exists(f"{dense}/model.safetensors"):
-            models[dense] = build_model(cfg.model.arch, n_classes, "1")
-            with rd.local_copy(dense) as d:
-                models[dense].load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+            models[dense] = load_dense_output(build_model(cfg.model.arch, n_classes, "1"), rd, dense)
     grouped = build_model(cfg.model.arch, n_classes, cfg.model.split)
     with rd.local_copy("group") as d:
         grouped.load_state_dict(load_state_file(Path(d) / "model.safetensors"))

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import sys
@@ -44,12 +43,13 @@ sys.path.insert(0, str(ROOT))
 from splitnet import build_model, cut  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from splitnet.datasets import CIFAR100_COARSE, ImageArrays, iterate_batches, load_cifar100  # noqa: E402
-from splitnet.grouping import (MIN_GROUP_SHARE, Grouping, GroupingSchedule, classifier_class_groups,  # noqa: E402
+from splitnet.grouping import (MIN_GROUP_SHARE, Grouping, classifier_class_groups,  # noqa: E402
                                init_class_assignment_, off_block_energy)
 from splitnet.metrics import semantic_quality  # noqa: E402
 from splitnet.models import CLASSES  # noqa: E402
 from splitnet.precision import choose_precision  # noqa: E402
-from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
+from splitnet.regularizers import parameter_groups  # noqa: E402
+from splitnet.schedule import Phase, PhaseSchedule  # noqa: E402
 from splitnet.train import evaluate, train_one_epoch  # noqa: E402
 from splitnet.tree import smallest_group_share  # noqa: E402
 
@@ -75,25 +75,16 @@ def subset_classes(name: str, seed: int) -> list[int]:
     return [c for c in range(100) if CIFAR100_COARSE[c] in chosen]
 
 
-def _cosine(t: float) -> float:
-    return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
-
-
 def _train(model, data, steps: int, args, *, lr: float, grouping: Grouping | None = None, assignment_lr_mult=1.0,
            class_assignment_lr_mult=None, on_step=None) -> None:
     """``steps`` SGD steps over ``data`` (epochs as needed), lr on one cosine over them."""
     opt = torch.optim.SGD(parameter_groups(model, lr, 5e-4, assignment_lr_mult=assignment_lr_mult,
                                            class_assignment_lr_mult=class_assignment_lr_mult),
                           lr=lr, momentum=0.9, nesterov=True)
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
+    schedule = PhaseSchedule(opt, [Phase(1, steps)])
     amp = choose_precision(args.amp, "cpu").dtype
     done, epoch = 0, 0
     while done < steps:
-        def set_lr(i):
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * _cosine(done / max(steps, 1))
-
         def after(i):
             nonlocal done
             done += 1
@@ -103,7 +94,7 @@ def _train(model, data, steps: int, args, *, lr: float, grouping: Grouping | Non
         batches = (b for b in iterate_batches(data, args.batch, train=True, seed=args.seed, epoch=epoch)
                    if len(b[1]) == args.batch)
         train_one_epoch(model, batches, opt, grouping=grouping, amp_dtype=amp, channels_last=True, global_step=done,
-                        max_steps=steps - done, before_step=set_lr, after_step=after)
+                        max_steps=steps - done, scheduler=schedule, after_step=after)
         epoch += 1
 
 
@@ -158,8 +149,8 @@ def run_cell(subset: str, split: str, budget: int, dense, train_set, test_set, g
     if g.assign_init == "classifier":  # as group.init: baseline does (derived: again at the derivation)
         labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
         init_class_assignment_(model, labels, g.assign_init_margin)
-    schedule = GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold, g.assign)
-    grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance), schedule, budget)
+    schedule = g.grouping_schedule()
+    grouping = Grouping(model, g.regularizer_weights(), schedule, budget)
     sparsify_from = next((s for s in range(budget) if schedule.phase(s, budget) == "sparsify"), budget)
     at_assign_end: dict = {}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -43,37 +42,28 @@ from splitnet.grouping import Grouping, GroupingSchedule, off_block_energy  # no
 from splitnet.metrics import semantic_quality  # noqa: E402
 from splitnet.precision import choose_precision  # noqa: E402
 from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
+from splitnet.schedule import Phase, PhaseSchedule  # noqa: E402
 from splitnet.train import evaluate, format_epoch, train_one_epoch  # noqa: E402
 from splitnet.tree import smallest_group_share  # noqa: E402
-
-
-def cosine(t: float) -> float:
-    return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
 def train(model, data, epochs: int, args, *, lr_span: tuple[float, float], grouping: Grouping | None = None,
           stage: str, log, test=None, assignment_lr_mult: float = 1.0,
           class_assignment_lr_mult: float | None = None) -> list[dict]:
-    """``epochs`` epochs of SGD; the learning rate follows ``args.lr * cosine(t)`` for t over ``lr_span``."""
+    """``epochs`` epochs of SGD; the learning rate follows ``args.lr`` times the part ``lr_span`` of one cosine."""
     opt = torch.optim.SGD(parameter_groups(model, args.lr, args.weight_decay, assignment_lr_mult=assignment_lr_mult,
                                            class_assignment_lr_mult=class_assignment_lr_mult),
                           lr=args.lr, momentum=0.9, nesterov=True)
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
     steps_per_epoch = len(data) // args.batch
-    total = epochs * steps_per_epoch
+    schedule = PhaseSchedule(opt, [Phase(epochs, steps_per_epoch, cosine_span=lr_span)])
     history, step = [], 0
     amp = choose_precision(args.amp, "cpu").dtype
     start = time.perf_counter()
     for epoch in range(epochs):
-        def set_lr(i, epoch=epoch):
-            t = lr_span[0] + (lr_span[1] - lr_span[0]) * (epoch * steps_per_epoch + i) / max(total, 1)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * cosine(t)
         batches = (b for b in iterate_batches(data, args.batch, train=True, seed=args.seed, epoch=epoch)
                    if len(b[1]) == args.batch)
         stats = train_one_epoch(model, batches, opt, grouping=grouping, amp_dtype=amp, channels_last=True,
-                                global_step=step, max_steps=steps_per_epoch, before_step=set_lr)
+                                global_step=step, max_steps=steps_per_epoch, scheduler=schedule)
         step += stats["steps"]
         row = {"stage": stage, "epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}
         if grouping is not None:
@@ -300,7 +290,7 @@ def table(r: dict) -> str:
     lines += ["", f"class groups vs the 20 superclasses: NMI {sq['nmi']:.3f} (random balanced groups "
                   f"{sq['random_nmi_mean']:.3f} ± {sq['random_nmi_std']:.3f}), purity {sq['purity']:.3f} "
                   f"(random {sq['random_purity_mean']:.3f} ± {sq['random_purity_std']:.3f})",
-              f"group sizes: " + ", ".join(f"{k} {v}" for k, v in c["group_sizes"].items()) + f"; members moved by cut(): {c['moves']}",
+              "group sizes: " + ", ".join(f"{k} {v}" for k, v in c["group_sizes"].items()) + f"; members moved by cut(): {c['moves']}",
               "", "| target | value | goal | met |", "|---|---|---|---|"]
     for name, t in r["targets"].items():
         v = t["value"]

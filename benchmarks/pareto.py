@@ -54,15 +54,12 @@ from splitnet.distill import Distiller  # noqa: E402
 from splitnet.grouping import Grouping, GroupingSchedule  # noqa: E402
 from splitnet.precision import choose_precision  # noqa: E402
 from splitnet.regularizers import RegularizerWeights, parameter_groups  # noqa: E402
+from splitnet.schedule import Phase, PhaseSchedule  # noqa: E402
 from splitnet.train import evaluate, format_epoch, train_one_epoch  # noqa: E402
 
 from pipelines.checkpoints import load_optimizer, save_optimizer, save_state  # noqa: E402
 
 LR, WEIGHT_DECAY, BATCH = 0.1, 5e-4, 128
-
-
-def _cosine(t: float) -> float:
-    return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
 def _arch(k: float) -> str:
@@ -91,21 +88,21 @@ class Bench:
         self.train, self.test = train, test
         self.classes = len(train.class_names)
         self.steps_per_epoch = len(train) // BATCH
+        self.group_share = args.group_epochs / (args.epochs - args.base_epochs)  # of the second cosine
         self.amp = choose_precision(args.amp, "cpu").dtype
 
     def score(self, model) -> float:
         return evaluate(model, iterate_batches(self.test, 500, train=False), amp_dtype=self.amp,
                         channels_last=True)["top1"]
 
-    def epochs(self, name: str, model, epochs: int, *, lr_at, seed: int, grouping: Grouping | None = None,
-               distill: Distiller | None = None, optimizer=None) -> list[dict]:
+    def epochs(self, name: str, model, epochs: int, *, span=(0.0, 1.0), seed: int, grouping: Grouping | None = None,
+               distill: Distiller | None = None) -> list[dict]:
         """Train ``model`` for ``epochs`` epochs, one checkpoint per epoch in ``work/name`` (resumed
-        from there); ``lr_at(step)`` is the lr factor at the route phase's step. Returns the history."""
+        from there); the lr covers the part ``span`` of one cosine. Returns the history."""
         d = self.work / name
         d.mkdir(parents=True, exist_ok=True)
-        opt = optimizer or torch.optim.SGD(parameter_groups(model, LR, WEIGHT_DECAY), lr=LR, momentum=0.9, nesterov=True)
-        for g in opt.param_groups:
-            g.setdefault("base_lr", g["lr"])
+        opt = torch.optim.SGD(parameter_groups(model, LR, WEIGHT_DECAY), lr=LR, momentum=0.9, nesterov=True)
+        schedule = PhaseSchedule(opt, [Phase(epochs, self.steps_per_epoch, cosine_span=span)])
         state = {"epoch": 0, "history": []}
         if (d / "state.json").exists():
             state = json.loads((d / "state.json").read_text())
@@ -119,16 +116,12 @@ class Bench:
         while state["epoch"] < epochs:
             epoch = state["epoch"]
             step0 = epoch * spe
-
-            def set_lr(i: int) -> None:
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * lr_at(step0 + i)
-
+            schedule.load_state_dict({"last_epoch": step0})
             batches = (b for b in iterate_batches(self.train, BATCH, train=True, seed=seed, epoch=epoch)
                        if len(b[1]) == BATCH)
             t0 = time.perf_counter()
             stats = train_one_epoch(model, batches, opt, grouping=grouping, distill=distill, amp_dtype=self.amp,
-                                    channels_last=True, global_step=step0, max_steps=spe, before_step=set_lr)
+                                    channels_last=True, global_step=step0, max_steps=spe, scheduler=schedule)
             stats["seconds"] = time.perf_counter() - t0
             if grouping is not None:
                 stats["off_block"] = max(grouping.off_block_energy().values(), default=0.0)
@@ -163,14 +156,12 @@ def dense_route(b: Bench, k: float) -> dict:
     model = build_model(_arch(k), b.classes, "1").to(memory_format=torch.channels_last)
     base_path = b.work / f"{name}-baseline.safetensors"
     if not base_path.exists():
-        total = a.base_epochs * b.steps_per_epoch
-        hist = b.epochs(f"{name}-baseline", model, a.base_epochs, lr_at=lambda s: _cosine(s / total), seed=a.seed)
+        hist = b.epochs(f"{name}-baseline", model, a.base_epochs, seed=a.seed)
         save_state(model.backbone_state_dict(), base_path)
         (b.work / f"{name}-baseline-result.json").write_text(json.dumps({"top1": b.score(model), "history": hist}))
     baseline = json.loads((b.work / f"{name}-baseline-result.json").read_text())
     model.load_backbone_state_dict(load_file(str(base_path)), skip_fc_mismatch=False)
-    total = (a.epochs - a.base_epochs) * b.steps_per_epoch
-    hist = b.epochs(f"{name}-rest", model, a.epochs - a.base_epochs, lr_at=lambda s: _cosine(s / total), seed=a.seed + 1)
+    hist = b.epochs(f"{name}-rest", model, a.epochs - a.base_epochs, seed=a.seed + 1)
     cost = model_cost(model, 32)
     return b.finish(name, {"route": name, "family": "dense", "k": k, "split": "1", "top1": b.score(model),
                            "baseline_top1": baseline["top1"], "weights": cost["weights"], "flops": cost["flops"],
@@ -185,7 +176,6 @@ def group_route(b: Bench, k: float, split: str, assign: str) -> dict:
         return r
     a = b.args
     t0 = time.perf_counter()
-    rest = (a.epochs - a.base_epochs) * b.steps_per_epoch
     cut_dir = b.work / name / "cut"
     if not (cut_dir / "manifest.yaml").exists():
         torch.manual_seed(a.seed)
@@ -194,7 +184,7 @@ def group_route(b: Bench, k: float, split: str, assign: str) -> dict:
         steps = a.group_epochs * b.steps_per_epoch
         grouping = Grouping(model, RegularizerWeights(), GroupingSchedule(warmup=0.0, assign=assign, random_seed=a.seed),
                             steps)
-        hist = b.epochs(f"{name}/group", model, a.group_epochs, lr_at=lambda s: _cosine(s / rest), seed=a.seed + 1,
+        hist = b.epochs(f"{name}/group", model, a.group_epochs, span=(0, b.group_share), seed=a.seed + 1,
                         grouping=grouping)
         grouped = b.score(model)
         save_state(model, b.work / name / "grouped.safetensors")
@@ -231,14 +221,12 @@ def _teacher(b: Bench, group_name: str, which: str, k: float, split: str):
 def finetune(b: Bench, group_name: str, name: str, distill: tuple | None, seed: int, k: float = 0, split: str = ""):
     """The cut tree of ``group_name`` finetuned for E - B - G epochs (with ``distill`` = (teacher, T, w))."""
     a = b.args
-    rest = (a.epochs - a.base_epochs) * b.steps_per_epoch
-    offset = a.group_epochs * b.steps_per_epoch
     tree = load_tree(b.work / group_name / "cut").train().to(memory_format=torch.channels_last)
     d = None
     if distill is not None:
         which, temperature, weight = distill
         d = Distiller(_teacher(b, group_name, which, k, split), temperature, weight, amp_dtype=b.amp)
-    hist = b.epochs(name, tree, a.epochs - a.base_epochs - a.group_epochs, lr_at=lambda s: _cosine((offset + s) / rest),
+    hist = b.epochs(name, tree, a.epochs - a.base_epochs - a.group_epochs, span=(b.group_share, 1),
                     seed=seed, distill=d)
     return b.score(tree), hist
 

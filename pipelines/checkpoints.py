@@ -1,6 +1,7 @@
 """Model and optimizer state on disk without pickle: weights as safetensors, the optimizer's tensors as
 safetensors and the rest as JSON. Used by the training workers' checkpoints, the report, serving and
 the benchmarks; ``torch.load`` only with ``weights_only=True`` (torchvision-style ``.pth`` weights).
+The dense models a run's stages wrote are read back here too (:func:`load_dense_output`, :func:`load_grouped`).
 """
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from splitnet import build_model
+
+from .rundir import RunDir
 
 
 def save_state(module_or_state, path: Path) -> None:
@@ -54,3 +59,18 @@ def load_optimizer(opt: torch.optim.Optimizer, directory: Path, device) -> None:
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def load_dense_output(model, rd: RunDir, stage: str):
+    """``model`` with the dense weights a stage wrote (``baseline/`` or ``control/``), classifier included."""
+    with rd.local_copy(stage) as d:
+        model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
+    return model
+
+
+def load_grouped(arch: str, split: str, num_classes: int, rd: RunDir):
+    """The grouping stage's output (``group/``): the split-aware dense model with its assignments."""
+    model = build_model(arch, num_classes, split)
+    with rd.local_copy("group") as d:
+        model.load_state_dict(load_state_file(Path(d) / "model.safetensors"))
+    return model

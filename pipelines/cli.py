@@ -12,7 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from pipelines.config import ON_BAD_RECORD, ConfigError, load_config, to_dict
+from pipelines.serve.deploy import (DeployError, DeployOptions, deploy, dump_config, parse_replicas,
+                                     proxy_failover_active, serve_config)
 
 
 class UsageError(Exception):
@@ -91,21 +102,14 @@ def _overlays_and_overrides(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_run(args) -> int:
-    import os
-
-    from pipelines.config import ConfigError, load_config, to_dict
-
     overlays, overrides = _overlays_and_overrides(args.overrides)
     try:
         cfg = load_config(args.config, overrides, overlays=overlays)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     if args.print_config:
-        import yaml
-
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    from pathlib import Path
 
     from pipelines.progress import QuietRun, TerminalLog, verbose
     from pipelines.run import PipelineError, StageFailed, run
@@ -129,7 +133,6 @@ def cmd_run(args) -> int:
         print("splitnet: interrupted; run the same command again to resume", file=err)
         return 130
     except Exception:
-        import traceback
 
         traceback.print_exc(file=err)  # a bug: the traceback belongs on the terminal
         return 1
@@ -140,8 +143,6 @@ def cmd_run(args) -> int:
 
 
 def _cores(text: str) -> list[int]:
-    from pipelines.serve.deploy import DeployError
-
     items = [t.strip() for t in (text or "").split(",") if t.strip()]
     if not all(t.isdigit() for t in items):
         raise DeployError(f"--pin-cores {text!r}: expected core numbers separated by commas, e.g. 0,1")
@@ -149,8 +150,6 @@ def _cores(text: str) -> list[int]:
 
 
 def _deploy_options(args):
-    from pipelines.serve.deploy import DeployError, DeployOptions, parse_replicas
-
     try:
         return DeployOptions(
             app_name=args.name, host=args.host, port=args.port, route_prefix=args.route_prefix,
@@ -165,8 +164,6 @@ def _deploy_options(args):
 
 
 def cmd_serve_config(args) -> int:
-    from pipelines.serve.deploy import DeployError, dump_config, serve_config
-
     try:
         config = serve_config(args.tree, _deploy_options(args))
     except DeployError as e:
@@ -176,12 +173,6 @@ def cmd_serve_config(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-    import signal
-    import time
-
-    from pipelines.serve.deploy import DeployError, deploy, serve_config
-
     try:
         config = serve_config(args.tree, _deploy_options(args))
     except DeployError as e:
@@ -204,7 +195,6 @@ def cmd_serve(args) -> int:
         scale = d.get("num_replicas") or f"autoscaling {d['autoscaling_config']['min_replicas']}-" \
                                            f"{d['autoscaling_config']['max_replicas']}"
         print(f"  {d['name']}: {scale} replica(s), {d['ray_actor_options']}", flush=True)
-    from pipelines.serve.deploy import proxy_failover_active
 
     if proxy_failover_active(url) is False:
         print("note: this Serve was already running without splitnet's proxy hook: a request whose trunk replica "
@@ -227,28 +217,29 @@ def cmd_serve(args) -> int:
 
 
 def _add_deploy_arguments(p) -> None:
+    D = DeployOptions  # the defaults are the deploy options'
     p.add_argument("tree", help="a run dir (serves its tree/) or a tree dir; local path or s3://-style URI")
     p.add_argument("--subtree-replicas", action="append", default=[], metavar="G=N",
                    help="replicas of subtree G (default 1); repeat for several subtrees")
     p.add_argument("--autoscale-max", action="append", default=[], metavar="G=N",
                    help="autoscale subtree G between its replicas and N")
-    p.add_argument("--trunk-replicas", type=_positive_int, default=1)
-    p.add_argument("--trunk-cpus", type=float, default=0.5, help="CPUs per trunk replica")
-    p.add_argument("--trunk-gpus", type=float, default=0.0, help="GPUs per trunk replica")
-    p.add_argument("--subtree-cpus", type=float, default=0.25, help="CPUs per subtree replica")
-    p.add_argument("--subtree-gpus", type=float, default=0.0, help="GPUs per subtree replica (fractions share a GPU)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "none"],
+    p.add_argument("--trunk-replicas", type=_positive_int, default=D.trunk_replicas)
+    p.add_argument("--trunk-cpus", type=float, default=D.trunk_cpus, help="CPUs per trunk replica")
+    p.add_argument("--trunk-gpus", type=float, default=D.trunk_gpus, help="GPUs per trunk replica")
+    p.add_argument("--subtree-cpus", type=float, default=D.subtree_cpus, help="CPUs per subtree replica")
+    p.add_argument("--subtree-gpus", type=float, default=D.subtree_gpus, help="GPUs per subtree replica (fractions share a GPU)")
+    p.add_argument("--device", default=D.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default=D.amp, choices=["auto", "bf16", "none"],
                    help="auto (default): bf16 autocast on replicas whose device computes bf16 natively (a GPU with "
                         "bf16, a CPU with AMX), fp32 elsewhere; bf16: always; none: fp32")
-    p.add_argument("--torch-threads", type=_positive_int, default=1, help="torch threads per replica")
+    p.add_argument("--torch-threads", type=_positive_int, default=D.torch_threads, help="torch threads per replica")
     p.add_argument("--pin-cores", default="", metavar="0,1,...",
                    help="pin subtree G's replica to core G mod n of this list (one thread) and the trunk to all of "
                         "them: the subtrees of a request run in parallel on one machine")
-    p.add_argument("--name", default="splitnet", help="Serve application name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_positive_int, default=8000)
-    p.add_argument("--route-prefix", default="/", help="URL prefix of the app (several apps share one HTTP port)")
+    p.add_argument("--name", default=D.app_name, help="Serve application name")
+    p.add_argument("--host", default=D.host)
+    p.add_argument("--port", type=_positive_int, default=D.port)
+    p.add_argument("--route-prefix", default=D.route_prefix, help="URL prefix of the app (several apps share one HTTP port)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--validate", default="header", choices=["none", "header", "full"],
                    help="check each image: header (cheap: empty, not an image, too many pixels) or full decode")
-    p.add_argument("--on-bad-record", default="skip", choices=["skip", "fail"])
+    p.add_argument("--on-bad-record", default="skip", choices=ON_BAD_RECORD)
     p.add_argument("--max-pixels", type=_positive_int, default=64_000_000, help="larger images are bad records")
     p.add_argument("--per-class", type=_positive_int, default=None, help="keep at most N images of each class (every split)")
     p.add_argument("--classes", default=None, metavar="A,B,...",

@@ -138,6 +138,24 @@ class GroupStageConfig(StageConfig):
     split_lr_mult: float = 1.0
     freeze_split_bn_scale: bool = False  # the reference's bn_no_scale: BN gamma of every residual block frozen (not the head BN)
 
+    def grouping_schedule(self, seed: int = 0):
+        """These settings as the library's :class:`~splitnet.grouping.GroupingSchedule` (which validates them)."""
+        from splitnet.grouping import GroupingSchedule
+
+        return GroupingSchedule(**_same_fields(GroupingSchedule, self), random_seed=seed)
+
+    def regularizer_weights(self):
+        """``disjoint`` / ``weight`` / ``balance`` as the library's :class:`~splitnet.regularizers.RegularizerWeights`."""
+        from splitnet.regularizers import RegularizerWeights
+
+        return RegularizerWeights(**_same_fields(RegularizerWeights, self))
+
+
+def _same_fields(cls, settings) -> dict:
+    """The values of ``settings`` for the dataclass ``cls``'s fields of the same name: a library object
+    built from a config section by name, never by position."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if hasattr(settings, f.name)}
+
 
 @dataclass
 class CutConfig:
@@ -199,9 +217,11 @@ class PipelineConfig:
     failure: FailureSpec = field(default_factory=FailureSpec)
 
 
+ON_BAD_RECORD = ("skip", "fail")  # data.on_bad_record, splitnet prepare --on-bad-record, the decoders
+
 CHOICES = {
     "data.format": ("parquet", "webdataset"),
-    "data.on_bad_record": ("skip", "fail"),
+    "data.on_bad_record": ON_BAD_RECORD,
     "scaling.backend": ("auto", "gloo", "nccl"),
     "scaling.amp": ("auto", "bf16", "none"),
     "scaling.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
@@ -413,15 +433,10 @@ def validate(cfg: PipelineConfig) -> None:
     for key in ("disjoint", "weight", "balance", "assignment_lr_mult", "split_lr_mult"):
         _positive(f"group.{key}", getattr(cfg.group, key), allow_zero=key in ("disjoint", "weight", "balance"))
     g = cfg.group
-    if not 0 <= g.warmup < 1 or not 0 <= g.sparsify < 1 or g.warmup + g.sparsify >= 1:
-        raise ConfigError(f"group.warmup ({g.warmup}) and group.sparsify ({g.sparsify}): each in [0, 1) and together "
-                          "below 1 (the assign phase between them needs steps)")
-    if not 0 <= g.disjoint_hold < 1:
-        raise ConfigError(f"group.disjoint_hold: must be in [0, 1), got {g.disjoint_hold}")
-    if g.sparsify_strength != 0 and g.sparsify_strength < 1:
-        raise ConfigError(f"group.sparsify_strength: 0 (derived from the weights) or >= 1, got {g.sparsify_strength}")
-    if g.assign not in ("derived", "learned", "random"):
-        raise ConfigError(f"group.assign: {g.assign!r}; use derived, learned or random")
+    try:
+        g.grouping_schedule()  # the phases, the proximal step, the assignment mode: checked where they are used
+    except ValueError as e:
+        raise ConfigError(f"group.{e}") from None
     derived = g.method == "staged" and g.assign == "derived"
     if derived and g.init == "scratch" and g.warmup <= 0:
         raise ConfigError("group.assign: derived computes the groups from the classifier and weights the warm-up "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from splitnet.metrics import semantic_quality
 from splitnet.grouping import MIN_GROUP_SHARE
@@ -67,25 +66,13 @@ def _wordnet_categories(class_names: list[str]) -> list[str] | None:
         return None
 
 
-def _class_groups_at_start(rd: RunDir, class_to_group: list[int], parents, recorded: list[int] | None = None,
-                           warmed: bool = True, assign: str = "learned") -> dict:
-    """Where ``group.assign_init: classifier`` started the class groups, and how many classes the
-    grouping moved away. ``recorded``: the groups a grouping from scratch started from at the end of
-    its warm-up (the stage's ``class_start``); otherwise recomputed from the baseline's classifier
-    (deterministic)."""
-    from splitnet.partition import classifier_class_groups
-
-    from .checkpoints import load_state_file
-
-    if recorded is not None:
-        start, source = list(recorded), "warm-up" if warmed else "baseline"
-    else:
-        with rd.local_copy("baseline") as d:
-            fc = load_state_file(Path(d) / "model.safetensors")["fc.weight"]
-        start, source = classifier_class_groups(fc, max(class_to_group) + 1).tolist(), "baseline"
-    out = {"assign_init": "classifier", "assign": assign, "from": source,
-           "classes_moved": sum(a != b for a, b in zip(start, class_to_group))}
-    at_start = _semantic(start, parents)
+def _class_groups_at_start(class_to_group: list[int], parents, recorded: list[int], warmed: bool,
+                           assign: str) -> dict:
+    """Where a classifier started the class groups (the group stage's ``class_start``: the baseline's,
+    or the warm-up's for a grouping from scratch), and how many classes the grouping moved away."""
+    out = {"assign_init": "classifier", "assign": assign, "from": "warm-up" if warmed else "baseline",
+           "classes_moved": sum(a != b for a, b in zip(recorded, class_to_group))}
+    at_start = _semantic(list(recorded), parents)
     if at_start:
         out["nmi"] = at_start["nmi"]
     return out
@@ -163,11 +150,11 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
 
     from splitnet import build_model
     from splitnet.accounting import model_cost
-    from splitnet.artifacts import load_tree, read_manifest
+    from splitnet.artifacts import hard_assignment, read_manifest
     from splitnet.models import CLASSES
     from splitnet.plots import plot_assignment, plot_group_semantics, plot_split_layers, plot_tree
 
-    from .checkpoints import load_state_file
+    from .checkpoints import load_grouped
 
     with rd.local_copy("tree") as d:
         manifest = read_manifest(d)
@@ -182,9 +169,10 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
     group_result = (state["stages"].get("group") or {}).get("result") or {}
     recorded = group_result.get("class_start")
     derived = cfg.group.method == "staged" and cfg.group.assign == "derived"
-    if (derived or cfg.group.assign_init == "classifier") and (cfg.group.init == "baseline" or recorded is not None):
-        start = _class_groups_at_start(rd, manifest["class_to_group"], info.parents, recorded,
-                                       warmed=cfg.group.warmup > 0, assign="derived" if derived else "learned")
+    if (derived or cfg.group.assign_init == "classifier") and recorded is not None:
+        start = _class_groups_at_start(manifest["class_to_group"], info.parents, recorded,
+                                       warmed=cfg.group.warmup > 0 and (derived or cfg.group.init == "scratch"),
+                                       assign="derived" if derived else "learned")
         if group_result.get("fixed_off_block"):
             start["fixed_off_block"] = group_result["fixed_off_block"]
         semantic = {**(semantic or {}), "start": start}
@@ -198,11 +186,8 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
     checks = _checks(metrics, counts, cut_result, semantic, versus)
     pictures = {}
     with rd.staging("pictures") as tmp:
-        grouped = build_model(cfg.model.arch, info.num_classes, cfg.model.split)
-        with rd.local_copy("group") as d:
-            grouped.load_state_dict(load_state_file(Path(d) / "model.safetensors"))
-        with rd.local_copy("cut") as d:
-            hard = load_tree(d).hard
+        grouped = load_grouped(cfg.model.arch, cfg.model.split, info.num_classes, rd)
+        hard = hard_assignment(manifest)  # the cut's groups, as the manifest holds them
         pictures["split_layers"] = plot_split_layers(
             [(layer.name, layer.module.weight, hard.group_of(layer.in_set, layer.groups), hard.group_of(layer.out_set, layer.groups))
              for layer in grouped.split_layers() if layer.name != "fc" or info.num_classes <= 2000],

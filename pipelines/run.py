@@ -540,18 +540,15 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
 
 def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, std) -> dict:
     """Ray task: load the grouped model, cut it into the tree, write ``cut/``."""
-    from splitnet import build_model, cut
+    from splitnet import cut
     from splitnet.accounting import model_cost
     from splitnet.grouping import off_block_energy
 
-    from .checkpoints import load_state_file
+    from .checkpoints import load_grouped
 
     cfg = from_dict(cfg_dict)
     rd = RunDir(cfg.run_dir)
-    model = build_model(cfg.model.arch, num_classes, cfg.model.split)
-    with rd.local_copy("group") as d:
-        model.load_state_dict(load_state_file(os.path.join(d, "model.safetensors")))
-    model.eval()
+    model = load_grouped(cfg.model.arch, cfg.model.split, num_classes, rd).eval()
     dense_cost = model_cost(model, cfg.data.image_size)
     info = {"class_names": class_names, "mean": list(mean), "std": list(std), "input_size": cfg.data.image_size}
     tree = cut(model, cfg.cut.min_classes_per_group, cfg.cut.min_channels_per_group, info=info)

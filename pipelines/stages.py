@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from splitnet import build_model
-from splitnet.grouping import (Grouping, GroupingSchedule, classifier_class_groups, collapse_warning, collapsing,
-                               init_class_assignment_)
+from splitnet.grouping import Grouping, classifier_class_groups, collapse_warning, collapsing, init_class_assignment_
 from splitnet.models import CLASSES
 from splitnet.precision import choose_precision
-from splitnet.regularizers import RegularizerWeights, freeze_split_bn_scale, parameter_groups
-from splitnet.train import CompiledForward, evaluate, format_epoch, train_one_epoch
+from splitnet.regularizers import freeze_split_bn_scale, parameter_groups
+from splitnet.schedule import Phase, PhaseSchedule
+from splitnet.train import CompiledForward, evaluate, evaluate_models, format_epoch, train_one_epoch
 
-from .checkpoints import load_optimizer, load_state_file, save_optimizer, save_state
+from .checkpoints import load_dense_output, load_grouped, load_optimizer, load_state_file, save_optimizer, save_state
 from .config import PipelineConfig, from_dict
 from .rundir import RunDir
 
@@ -56,43 +56,23 @@ def _step_progress(config: dict, stage: str, epochs: int, steps: int, images_per
 
 # ---- learning-rate schedule ---------------------------------------------------------------
 
-def lr_factor(st, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at global ``step`` (warm-up, then the schedule)."""
-    epoch = step / max(steps_per_epoch, 1)
-    warm = st.warmup_epochs
-    if warm > 0 and epoch < warm:
-        return (epoch + 1 / max(steps_per_epoch, 1)) / warm
-    if st.schedule == "constant":
-        return 1.0
-    if st.schedule == "step":
-        return st.gamma ** sum(1 for m in st.milestones if epoch >= m)
-    total = max(st.epochs * steps_per_epoch, 1)
-    t = min(max(step - warm * steps_per_epoch, 0) / max(total - warm * steps_per_epoch, 1), 1.0)
-    start, end = st.cosine_span  # this stage's share of one cosine (group then finetune on one curve)
-    return 0.5 * (1 + math.cos(math.pi * (start + (end - start) * t)))
-
-
-def epoch_plan(cfg: PipelineConfig, stage: str, steps_per_epoch: dict[str, int]) -> list[tuple]:
-    """Per epoch of ``stage``: (the stage config whose lr, batch, weight decay and schedule it follows,
-    its steps, the stage-global step where that config's schedule starts). The control (the same-budget
-    dense model) follows ``group``'s epochs, then ``finetune``'s: the tree's schedule without the split."""
-    parts = ("group", "finetune") if stage == "control" else (stage,)
-    plan, start = [], 0
-    for part in parts:
-        st, steps = getattr(cfg, part), steps_per_epoch[part]
-        plan += [(st, steps, start)] * st.epochs
-        start += st.epochs * steps
-    return plan
+def stage_phases(cfg: PipelineConfig, stage: str, steps_per_epoch: dict[str, int]) -> list[tuple]:
+    """``stage``'s schedule as (stage config, :class:`~splitnet.schedule.Phase`) pairs: the config gives
+    each epoch its batch size and checkpoint interval, the phase its learning rate. One pair per stage;
+    the control (the same-budget dense model) has ``group``'s then ``finetune``'s, each with its lr,
+    momentum and weight decay: the tree's schedule without the split."""
+    control = stage == "control"
+    out = []
+    for part in ("group", "finetune") if control else (stage,):
+        st = getattr(cfg, part)
+        out.append((st, Phase(st.epochs, steps_per_epoch[part], lr=st.lr, schedule=st.schedule,
+                              warmup_epochs=st.warmup_epochs, milestones=tuple(st.milestones), gamma=st.gamma,
+                              cosine_span=tuple(st.cosine_span), momentum=st.momentum if control else None,
+                              weight_decay=st.weight_decay if control else None)))
+    return out
 
 
 # ---- models of each stage -----------------------------------------------------------------
-
-def load_dense_output(model, rd: RunDir, stage: str):
-    """``model`` with the dense weights a stage wrote (``baseline/`` or ``control/``), classifier included."""
-    with rd.local_copy(stage) as d:
-        model.load_backbone_state_dict(load_state_file(Path(d) / "model.safetensors"), skip_fc_mismatch=False)
-    return model
-
 
 def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: int):
     """The model a stage trains or starts from (before any checkpoint is restored)."""
@@ -116,6 +96,7 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
                                  "classes (their classifier was not loaded); use assign_init: random")
             labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
             init_class_assignment_(model, labels, cfg.group.assign_init_margin)
+            model.class_start = labels.tolist()  # recorded in the stage's result: the report reads, not recomputes
         if cfg.group.freeze_split_bn_scale:
             freeze_split_bn_scale(model)
         return model
@@ -146,10 +127,7 @@ def build_teacher(cfg: PipelineConfig, rd: RunDir, num_classes: int):
     if which == "none":
         return None
     if which == "grouped":
-        teacher = build_model(cfg.model.arch, num_classes, cfg.model.split)
-        with rd.local_copy("group") as d:
-            teacher.load_state_dict(load_state_file(Path(d) / "model.safetensors"))
-        return teacher
+        return load_grouped(cfg.model.arch, cfg.model.split, num_classes, rd)
     return load_dense_output(build_model(cfg.model.arch, num_classes, "1"), rd, "baseline")
 
 
@@ -177,8 +155,6 @@ def _optimizer(cfg: PipelineConfig, stage: str, model) -> torch.optim.Optimizer:
     else:
         groups = parameter_groups(model, st.lr, st.weight_decay)
     groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = g["lr"]
     return torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum, nesterov=st.momentum > 0)
 
 
@@ -292,8 +268,9 @@ def train_loop(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     say = _sayer(config.get("progress"))
     stage = config["stage"]
-    plan = epoch_plan(cfg, stage, config["steps_per_epoch"])
-    st, steps_per_epoch = plan[0][0], plan[0][1]  # the stage's (the control: its first phase's)
+    phases = stage_phases(cfg, stage, config["steps_per_epoch"])
+    plan = [(st, phase.steps_per_epoch) for st, phase in phases for _ in range(st.epochs)]  # per epoch
+    st, steps_per_epoch = plan[0]  # the stage's (the control: its first phase's)
     epochs = len(plan)
     rd = RunDir(cfg.run_dir)
     ctx, device, precision = _setup(cfg)
@@ -317,18 +294,20 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             say(f"[{stage}] resuming from the checkpoint at epoch {progress['epoch']} step {progress['step_in_epoch']} "
                 f"(global step {progress['global_step']})")
+    if getattr(model, "class_start", None) is not None:
+        progress.setdefault("class_start", model.class_start)
     progress.setdefault("resumed", [])
     if checkpoint is not None:
         progress["resumed"].append({"epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]})
+    schedule = PhaseSchedule(opt, [phase for _, phase in phases])
+    schedule.load_state_dict(progress.get("schedule", {"last_epoch": progress["global_step"]}))
     model.to(device)
     if cfg.scaling.channels_last:
         model.to(memory_format=torch.channels_last)
     grouping = None
     if stage == "group":
         g = cfg.group
-        grouping = Grouping(model, RegularizerWeights(g.disjoint, g.weight, g.balance),
-                            GroupingSchedule(g.method, g.warmup, g.sparsify, g.sparsify_strength, g.disjoint_hold,
-                                             g.assign, random_seed=cfg.seed),
+        grouping = Grouping(model, g.regularizer_weights(), g.grouping_schedule(cfg.seed),
                             total_steps=epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
                             min_channels_per_group=cfg.cut.min_channels_per_group,
                             classifier_init_margin=(g.assign_init_margin if g.assign_init == "classifier"
@@ -370,12 +349,6 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    def set_lr(i: int) -> None:
-        st_e, spe_e, start_e = plan[progress["epoch"]]
-        factor = lr_factor(st_e, progress["global_step"] - start_e, spe_e)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * factor
-
     def after_step(i: int) -> None:
         if grouping is not None:
             progress["grouping"] = grouping.state()  # where the classes started, the derived thresholds
@@ -383,6 +356,7 @@ def train_loop(config: dict) -> None:
                 progress["class_start"] = grouping.class_start
         progress["global_step"] += 1
         progress["step_in_epoch"] += 1
+        progress["schedule"] = schedule.state_dict()
         if steps_shown is not None:
             steps_shown.step(progress["step_in_epoch"])
         every = plan[progress["epoch"]][0].checkpoint_every_steps
@@ -394,12 +368,8 @@ def train_loop(config: dict) -> None:
                    if rank == 0 else None)
     while progress["epoch"] < epochs:
         epoch = progress["epoch"]
-        st_e, limit, _ = plan[epoch]
+        st_e, limit = plan[epoch]
         per_worker_batch = st_e.batch_size // world
-        if stage == "control":  # this epoch's phase: group's or finetune's lr, weight decay, momentum
-            for g in opt.param_groups:
-                g["base_lr"], g["momentum"], g["nesterov"] = st_e.lr, st_e.momentum, st_e.momentum > 0
-                g["weight_decay"] = st_e.weight_decay if g.get("name") in ("weights", "split_weights") else 0.0
         remaining = limit - progress["step_in_epoch"]
         if steps_shown is not None:
             steps_shown.start_epoch(epoch, progress["step_in_epoch"], limit, per_worker_batch * world)
@@ -415,7 +385,7 @@ def train_loop(config: dict) -> None:
             batches = steps_shown.batches(batches)  # a slow stream told apart from a slow step
         stats = train_one_epoch(ddp, batches, opt, grouping=grouping, split_model=model, device=device,
                                 max_steps=remaining, amp_dtype=amp, channels_last=cfg.scaling.channels_last,
-                                global_step=progress["global_step"], before_step=set_lr, after_step=after_step,
+                                global_step=progress["global_step"], scheduler=schedule, after_step=after_step,
                                 distill=distill)
         if grouping is not None and grouping.prox is None:  # frozen once sparsifying: the cut must find the same argmax
             _sync_assignments(model)
@@ -483,7 +453,7 @@ def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, prog
 
 def _write_result(directory: Path, progress: dict) -> None:
     """``result.json``: what the driver records for the stage (history, resumptions, workers; the class
-    groups the warm-up's classifier started, ``class_start``, when a grouping from scratch used it)."""
+    groups a classifier started, ``class_start``: the baseline's at the start, or the warm-up's)."""
     result = {k: progress.get(k, []) for k in ("history", "resumed", "workers")}
     if progress.get("class_start") is not None:
         result["class_start"] = progress["class_start"]
@@ -500,7 +470,6 @@ def evaluate_loop(config: dict) -> None:
     import ray.train
 
     from splitnet.artifacts import load_tree
-    from splitnet.metrics import topk_correct
 
     cfg = from_dict(config["cfg"])
     rd = RunDir(cfg.run_dir)
@@ -511,42 +480,19 @@ def evaluate_loop(config: dict) -> None:
     for dense in ("baseline", "control"):
         if getattr(cfg, dense).enabled and rd.exists(f"{dense}/model.safetensors"):
             models[dense] = load_dense_output(build_model(cfg.model.arch, n_classes, "1"), rd, dense)
-    grouped = build_model(cfg.model.arch, n_classes, cfg.model.split)
-    with rd.local_copy("group") as d:
-        grouped.load_state_dict(load_state_file(Path(d) / "model.safetensors"))
-    models["grouped"] = grouped
+    models["grouped"] = load_grouped(cfg.model.arch, cfg.model.split, n_classes, rd)
     with rd.local_copy("cut") as d:
         models["cut"] = load_tree(d)
     with rd.local_copy("tree") as d:
         models["tree"] = load_tree(d)
     for m in models.values():
-        m.to(device).eval()
+        m.to(device)
     from .data.stream import torch_batches
 
-    sums = {k: [0.0, 0.0, 0.0] for k in models}  # top1, top5, loss sums
-    seen = 0
-    import contextlib
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        for i, (x, y) in enumerate(torch_batches(ray.train.get_dataset_shard("val"), cfg.evaluate.batch_size,
-                                                 config["mean"], config["std"], str(device))):
-            if cfg.evaluate.max_batches and i >= cfg.evaluate.max_batches:
-                break
-            for name, m in models.items():
-                with (torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()):
-                    logits = m(x)
-                logits = logits.float()
-                hits = topk_correct(logits, y, (1, 5))
-                sums[name][0] += hits[1]
-                sums[name][1] += hits[5]
-                sums[name][2] += float(F.cross_entropy(logits, y, reduction="sum"))
-            seen += len(y)
-    flat = [v for name in models for v in sums[name]] + [seen]
-    flat = _all_reduce(flat)
-    total = max(flat[-1], 1)
-    result = {name: {"top1": flat[3 * i] / total, "top5": flat[3 * i + 1] / total, "loss": flat[3 * i + 2] / total,
-                     "images": int(flat[-1])} for i, name in enumerate(models)}
+    batches = torch_batches(ray.train.get_dataset_shard("val"), cfg.evaluate.batch_size, config["mean"], config["std"],
+                            str(device))
+    result = {name: _merge_eval(v) for name, v in evaluate_models(models, batches, device, amp_dtype=amp,
+                                                                   max_batches=cfg.evaluate.max_batches or None).items()}
     if ctx.get_world_rank() == 0:
         rd.write_json("evaluate/metrics.json", result)
-    ray.train.report({"stage": "evaluate", "images": int(flat[-1])})
+    ray.train.report({"stage": "evaluate", "images": result["tree"]["images"]})

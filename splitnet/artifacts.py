@@ -23,6 +23,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .accounting import default_input_size, reduction, tree_cost
+from .models import build_model
+from .tree import HardAssignment, build_tree
 
 FORMAT = "splitnet-tree/1"
 MANIFEST = "manifest.yaml"
@@ -143,18 +145,24 @@ def _read_weights(directory: Path, entry: dict) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def _meta_model(manifest: dict):
+    with torch.device("meta"):  # the structure only: no memory
+        return build_model(manifest["arch"], int(manifest["num_classes"]), manifest["split"])
+
+
+def hard_assignment(manifest: dict, model=None):
+    """The group of every member of every channel set (and of every class), from the manifest alone:
+    no weight file is read or hashed."""
+    model = model if model is not None else _meta_model(manifest)
+    return HardAssignment.from_dict(manifest["channel_sets"], {s.name: s.size for s in model.split_graph().sets.values()})
+
+
 def _skeleton(manifest: dict):
     """The tree's structure on the meta device (no memory), from the manifest alone."""
-    from .models import build_model
-    from .tree import HardAssignment, build_tree
-
-    with torch.device("meta"):
-        model = build_model(manifest["arch"], int(manifest["num_classes"]), manifest["split"])
-    sizes = {s.name: s.size for s in model.split_graph().sets.values()}
-    hard = HardAssignment.from_dict(manifest["channel_sets"], sizes)
+    model = _meta_model(manifest)
     info = dict(manifest.get("info") or {})
     info["class_names"] = manifest["class_names"]
-    tree = build_tree(model, hard, info)
+    tree = build_tree(model, hard_assignment(manifest, model), info)
     if len(tree.subtrees) != len(manifest["subtrees"]):
         raise ArtifactError(f"manifest lists {len(manifest['subtrees'])} subtrees, its split {manifest['split']} gives {len(tree.subtrees)}")
     return tree
@@ -169,10 +177,11 @@ def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, de
     module.eval()
 
 
-def load_tree(directory: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the whole :class:`~splitnet.tree.SplitTree` from a tree directory (eval mode)."""
+def load_tree(directory: str | os.PathLike, device: str | torch.device = "cpu", manifest: dict | None = None):
+    """Rebuild the whole :class:`~splitnet.tree.SplitTree` from a tree directory (eval mode); ``manifest``:
+    its manifest when the caller has read it already."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = manifest or read_manifest(directory)
     tree = _skeleton(manifest)
     _fill(tree.trunk, _read_weights(directory, manifest["trunk"]), "trunk", device)
     for g, entry in enumerate(manifest["subtrees"]):
@@ -203,10 +212,10 @@ def subtree_inputs(manifest: dict) -> list[list[int] | None]:
     return [None if sub.input_index is None else sub.input_index.tolist() for sub in _skeleton(manifest).subtrees]
 
 
-def load_trunk(directory: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load the trunk alone: returns (module, manifest)."""
+def load_trunk(directory: str | os.PathLike, device: str | torch.device = "cpu", manifest: dict | None = None):
+    """Load the trunk alone: returns (module, manifest); ``manifest`` as for :func:`load_tree`."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = manifest or read_manifest(directory)
     tree = _skeleton(manifest)
     _fill(tree.trunk, _read_weights(directory, manifest["trunk"]), "trunk", device)
     return tree.trunk, manifest

@@ -84,17 +84,18 @@ class GroupingSchedule:
     random_seed: int = 0
 
     def __post_init__(self):
+        # each message starts with the field's name (the pipeline's config prefixes its section: group.)
         if self.method not in METHODS:
-            raise ValueError(f"grouping method {self.method!r}: use one of {', '.join(METHODS)}")
+            raise ValueError(f"method: {self.method!r}; use {' or '.join(METHODS)}")
         if self.assign not in ASSIGN_MODES:
-            raise ValueError(f"grouping assign {self.assign!r}: use one of {', '.join(ASSIGN_MODES)}")
+            raise ValueError(f"assign: {self.assign!r}; use {', '.join(ASSIGN_MODES[:-1])} or {ASSIGN_MODES[-1]}")
         if not (0 <= self.warmup < 1 and 0 <= self.sparsify < 1 and self.warmup + self.sparsify < 1):
-            raise ValueError(f"grouping phases warmup={self.warmup}, sparsify={self.sparsify}: each in [0, 1) and "
-                             "together below 1 (the assign phase needs steps)")
+            raise ValueError(f"warmup ({self.warmup}) and sparsify ({self.sparsify}): each in [0, 1) and together "
+                             "below 1 (the assign phase between them needs steps)")
         if self.sparsify_strength != 0 and self.sparsify_strength < 1:
-            raise ValueError(f"sparsify_strength {self.sparsify_strength}: 0 (derived) or >= 1")
+            raise ValueError(f"sparsify_strength: 0 (derived from the weights) or >= 1, got {self.sparsify_strength}")
         if not 0 <= self.disjoint_hold < 1:
-            raise ValueError(f"disjoint_hold {self.disjoint_hold}: must be in [0, 1)")
+            raise ValueError(f"disjoint_hold: must be in [0, 1), got {self.disjoint_hold}")
 
     @property
     def derived(self) -> bool:

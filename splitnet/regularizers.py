@@ -188,7 +188,7 @@ class RegularizerPlan:
         self.offsets: dict[str, tuple[int, int, int]] = {}   # name -> (fine groups, offset, size)
         self.bucket_consts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for g, names in self.set_buckets.items():
-            off, ind_cols, dis_scale, bal_scale = 0, [], [], []
+            off, dis_scale, bal_scale = 0, [], []
             sizes = [a.logit(n).shape[1] for n in names]
             total = sum(sizes)
             ind = torch.zeros(total, len(names))

@@ -65,8 +65,7 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
                     split_model=None, device="cpu", max_steps: int | None = None,
                     amp_dtype: torch.dtype | None = None, channels_last: bool = False, global_step: int = 0,
                     log_every: int = 0, on_log: Callable[[dict], None] | None = None,
-                    before_step: Callable[[int], None] | None = None,
-                    after_step: Callable[[int], None] | None = None, distill=None) -> dict:
+                    scheduler=None, after_step: Callable[[int], None] | None = None, distill=None) -> dict:
     """One pass over ``batches`` of (images [B,3,H,W], labels [B]).
 
     ``grouping``: the grouping stage's driver (its phase follows ``global_step``, the stage's step
@@ -74,8 +73,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
     ``split_model``: the module whose assignments the regularizers read (defaults to ``model``;
     differs when ``model`` is wrapped, e.g. by DDP). ``amp_dtype``: autocast the forward pass
     (e.g. ``torch.bfloat16``, also on CPUs with AVX-512 BF16); the regularizers stay in float32.
-    ``channels_last``: feed NHWC images (faster convolutions on CPU and GPU). ``before_step(i)`` runs
-    before step ``i`` (a learning-rate schedule), ``after_step(i)`` after it (checkpoints).
+    ``channels_last``: feed NHWC images (faster convolutions on CPU and GPU). ``scheduler``: a torch LR
+    scheduler stepped after every step (:class:`~splitnet.schedule.PhaseSchedule`); ``after_step(i)``
+    runs after step ``i`` (checkpoints).
     ``on_log(stats)`` gets the running means every ``log_every`` steps (the only other host sync).
     ``distill``: a :class:`~splitnet.distill.Distiller`; the loss is then its mix of the cross-entropy
     and the teacher's soft targets (``ce`` stays the plain cross-entropy in the returned means).
@@ -94,8 +94,6 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
     for x, y in batches:
         if max_steps is not None and steps >= max_steps:
             break
-        if before_step is not None:
-            before_step(steps)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -113,7 +111,9 @@ def train_one_epoch(model: torch.nn.Module, batches: Iterable, optimizer: torch.
         loss.backward()
         optimizer.step()
         if grouping is not None:
-            grouping.after_step(global_step + steps, _prox_lr(optimizer))
+            grouping.after_step(global_step + steps, _prox_lr(optimizer))  # at the lr of the step just taken
+        if scheduler is not None:
+            scheduler.step()
         n = len(y)
         # in place on the device, python scalars as kernel arguments: no host sync, no host->device copy
         sums[:3] += torch.stack([loss.detach() * n, ce.detach() * n, (logits.detach().argmax(1) == y).sum()]).to(sums.dtype)
@@ -148,39 +148,47 @@ def _means(sums: list[float], steps: int, elapsed: float) -> dict:
     return out
 
 
-@torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Iterable, device="cpu", amp_dtype: torch.dtype | None = None,
              max_batches: int | None = None, channels_last: bool = False) -> dict:
     """Top-1 / top-5 accuracy and mean cross-entropy of ``model`` (eval mode) over ``batches``. The
     model's mode is restored after: evaluating in the middle of an epoch does not leave the rest of
     the epoch training with frozen BatchNorm statistics."""
-    was_training = model.training
-    model.eval()
-    try:
-        return _evaluate(model, batches, device, amp_dtype, max_batches, channels_last)
-    finally:
-        model.train(was_training)
+    return evaluate_models({"model": model}, batches, device, amp_dtype, max_batches, channels_last)["model"]
 
 
-def _evaluate(model, batches, device, amp_dtype, max_batches, channels_last) -> dict:
-    n = top1 = top5 = 0
-    loss = 0.0
+@torch.inference_mode()
+def evaluate_models(models: dict[str, torch.nn.Module], batches: Iterable, device="cpu",
+                    amp_dtype: torch.dtype | None = None, max_batches: int | None = None,
+                    channels_last: bool = False) -> dict[str, dict]:
+    """:func:`evaluate` for several models over one pass of ``batches`` (each batch read once):
+    ``{name: {"top1", "top5", "loss", "images"}}``."""
+    modes = {name: m.training for name, m in models.items()}
+    sums = {name: [0, 0, 0.0] for name in models}  # top-1 hits, top-5 hits, summed loss
+    n = 0
     device_type = torch.device(device).type
-    for i, (x, y) in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device), y.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
-            logits = model(x)
-        logits = logits.float()
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        hits = topk_correct(logits, y, (1, 5))
-        top1 += hits[1]
-        top5 += hits[5]
-        n += len(y)
-    return {"top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "loss": loss / max(n, 1), "images": n}
+    try:
+        for m in models.values():
+            m.eval()
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for name, m in models.items():
+                with (torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()):
+                    logits = m(x)
+                logits = logits.float()
+                hits = topk_correct(logits, y, (1, 5))
+                s = sums[name]
+                s[0], s[1] = s[0] + hits[1], s[1] + hits[5]
+                s[2] += float(F.cross_entropy(logits, y, reduction="sum"))
+            n += len(y)
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    return {name: {"top1": s[0] / max(n, 1), "top5": s[1] / max(n, 1), "loss": s[2] / max(n, 1), "images": n}
+            for name, s in sums.items()}
 
 
 def format_epoch(stage: str, epoch: int, epochs: int, stats: dict, val: dict | None = None,

@@ -41,6 +41,16 @@ def smallest_group_share(sizes: dict[str, list[int]]) -> tuple[float, str]:
     return worst, where
 
 
+def class_order(subtree_classes: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the logits of some subtrees concatenated in that order (each over its ``classes``): the
+    classes they cover, ascending, and where each sits in the concatenation (``logits[:, position]``
+    puts them in class order). :meth:`SplitTree.combine` uses it for all the subtrees, a serving
+    ingress for the ones a request needs."""
+    order = torch.cat([torch.as_tensor(c, dtype=torch.long) for c in subtree_classes])
+    position = torch.argsort(order, stable=True)
+    return order[position], position
+
+
 @dataclass
 class HardAssignment:
     """Group id of every member of every learned channel set (and of every class).
@@ -243,11 +253,10 @@ class SplitTree(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.subtrees = nn.ModuleList(subtrees)
-        order = torch.cat([s.classes for s in subtrees])
-        if order.numel() != num_classes or not torch.equal(order.sort().values, torch.arange(num_classes, device=order.device)):
+        classes, position = class_order([s.classes for s in subtrees])
+        if classes.numel() != num_classes or not torch.equal(classes, torch.arange(num_classes, device=classes.device)):
             raise RuntimeError("subtrees do not cover every class exactly once")
-        # position of every class in the concatenated subtree logits
-        self.register_buffer("class_position", torch.argsort(order), persistent=False)
+        self.register_buffer("class_position", position, persistent=False)
         self.arch, self.split, self.num_classes = arch, split, num_classes
         self.hard = hard
         self.class_to_group = class_to_group

@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
 from pipelines.config import ConfigError, GroupStageConfig, PipelineConfig, differences, from_dict, load_config, to_dict
-from pipelines.stages import epoch_plan, lr_factor
+from pipelines.stages import stage_phases
+from splitnet.schedule import PhaseSchedule
 
 CONFIGS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 
@@ -119,46 +121,57 @@ def test_differences_lists_dotted_keys():
     assert differences(a, b) == ["group.epochs", "seed"]
 
 
+def _lrs(cfg, stage: str, spe: dict) -> list[float]:
+    """The learning rate of every step of ``stage`` as the worker's scheduler sets it."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=(cfg.group if stage == "control" else getattr(cfg, stage)).lr,
+                          momentum=0.9)
+    phases = [phase for _, phase in stage_phases(cfg, stage, spe)]
+    schedule, lrs = PhaseSchedule(opt, phases), []
+    for _ in range(sum(p.steps for p in phases)):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    return lrs
+
+
 def test_lr_schedules():
     cfg = load_config(None, ["group.epochs=10", "group.schedule=step", "group.milestones=[5,8]", "group.gamma=0.1",
-                             "finetune.epochs=4", "finetune.warmup_epochs=1"])
-    assert lr_factor(cfg.group, 0, 100) == 1.0
-    assert lr_factor(cfg.group, 500, 100) == pytest.approx(0.1)
-    assert lr_factor(cfg.group, 850, 100) == pytest.approx(0.01)
-    ft = cfg.finetune  # cosine with one warm-up epoch
-    assert lr_factor(ft, 0, 10) == pytest.approx(0.1)
-    assert lr_factor(ft, 9, 10) == pytest.approx(1.0)
-    assert lr_factor(ft, 10, 10) == pytest.approx(1.0)
-    assert lr_factor(ft, 25, 10) == pytest.approx(0.5)
-    assert lr_factor(ft, 40, 10) == pytest.approx(0.0, abs=1e-9)
+                             "group.lr=1", "finetune.epochs=4", "finetune.warmup_epochs=1", "finetune.lr=1"])
+    lrs = _lrs(cfg, "group", {"group": 100})
+    assert (lrs[0], lrs[500], lrs[850]) == pytest.approx((1.0, 0.1, 0.01))
+    lrs = _lrs(cfg, "finetune", {"finetune": 10})  # cosine with one warm-up epoch
+    assert (lrs[0], lrs[9], lrs[10], lrs[25]) == pytest.approx((0.1, 1.0, 1.0, 0.5))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 29 / 30)))
     # group then finetune on one cosine: the second stage starts where the first ended
     cfg = load_config(None, ["group.epochs=4", "group.cosine_span=[0, 0.4]", "finetune.epochs=6",
-                             "finetune.cosine_span=[0.4, 1]"])
-    assert lr_factor(cfg.group, 400, 100) == pytest.approx(lr_factor(cfg.finetune, 0, 100))
-    assert lr_factor(cfg.group, 400, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.4)))
-    assert lr_factor(cfg.finetune, 600, 100) == pytest.approx(0.0, abs=1e-9)
+                             "finetune.cosine_span=[0.4, 1]", "finetune.lr=0.1", "group.lr=0.1"])
+    group, finetune = _lrs(cfg, "group", {"group": 100}), _lrs(cfg, "finetune", {"finetune": 100})
+    assert finetune[0] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.4)))
+    assert group[-1] > finetune[0] > finetune[1]
     with pytest.raises(ConfigError, match="finetune.cosine_span"):
         load_config(None, ["finetune.cosine_span=[0.5, 0.2]"])
 
 
 def test_the_control_follows_the_trees_schedule_epoch_by_epoch():
     """The control (the dense model of the tree's budget) runs group's epochs on group's settings, then
-    finetune's on finetune's: at every step its learning rate is the tree's."""
+    finetune's on finetune's: at every step its learning rate is the tree's, and on entering the
+    finetune's phase its momentum and weight decay are the finetune's."""
     cfg = load_config(ROOT / "pipelines/configs/demo.yaml", ["group.epochs=3", "finetune.epochs=2", "finetune.lr=0.05",
-                                                            "finetune.batch_size=64", "group.warmup_epochs=0.5"])
+                                                            "finetune.batch_size=64", "group.warmup_epochs=0.5",
+                                                            "finetune.momentum=0.5", "finetune.weight_decay=0.001"])
     spe = {"group": 10, "finetune": 20}
-    plan = epoch_plan(cfg, "control", spe)
-    assert [(st.lr, st.batch_size, steps, start) for st, steps, start in plan] == \
-        [(0.1, 128, 10, 0)] * 3 + [(0.05, 64, 20, 30)] * 2
-    control_lrs, step = [], 0  # as the worker walks it: one global step counter through the plan
-    for st, steps, start in plan:
-        for _ in range(steps):
-            control_lrs.append(st.lr * lr_factor(st, step - start, steps))
-            step += 1
-    tree_lrs = ([cfg.group.lr * lr_factor(cfg.group, i, 10) for i in range(30)]
-                + [cfg.finetune.lr * lr_factor(cfg.finetune, i, 20) for i in range(40)])
-    assert control_lrs == pytest.approx(tree_lrs)
-    assert epoch_plan(cfg, "baseline", {"baseline": 7}) == [(cfg.baseline, 7, 0)] * cfg.baseline.epochs
+    assert [(st.lr, st.batch_size, phase.steps) for st, phase in stage_phases(cfg, "control", spe)] == \
+        [(0.1, 128, 30), (0.05, 64, 40)]
+    assert _lrs(cfg, "control", spe) == pytest.approx(_lrs(cfg, "group", spe) + _lrs(cfg, "finetune", spe))
+    decayed, plain = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [decayed], "weight_decay": cfg.group.weight_decay},
+                           {"params": [plain], "weight_decay": 0.0}], lr=cfg.group.lr, momentum=cfg.group.momentum)
+    schedule = PhaseSchedule(opt, [phase for _, phase in stage_phases(cfg, "control", spe)])
+    schedule.load_state_dict({"last_epoch": 30})  # resumed at the finetune phase's first step
+    assert [(g["momentum"], g["weight_decay"]) for g in opt.param_groups] == [(0.5, 0.001), (0.5, 0.0)]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * schedule.phases[1].factor(0))  # its span's start
+    assert [(phase.momentum, phase.weight_decay) for _, phase in stage_phases(cfg, "baseline", {"baseline": 7})] == \
+        [(None, None)]  # a one-phase stage keeps its optimizer's
 
 
 def _cli(*args):
@@ -277,3 +290,19 @@ def test_the_resolved_config_is_what_the_run_dir_keeps(tmp_path):
     _check_run_dir(RunDir(cfg.run_dir), cfg, lambda _: None)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert from_dict(saved) == cfg and saved["scaling"]["use_gpu"] is False and saved["data"]["image_size"] == 72
+
+
+def test_group_section_builds_the_librarys_grouping_objects_by_name():
+    """group.* is the one source of the grouping settings: every field of the library's GroupingSchedule
+    (but the seed) and RegularizerWeights has a config key of the same name, and the objects carry its values."""
+    from splitnet.grouping import GroupingSchedule
+    from splitnet.regularizers import RegularizerWeights
+
+    cfg = load_config(None, ["group.warmup=0.1", "group.sparsify=0.4", "group.disjoint_hold=0.3", "group.assign=learned",
+                             "group.sparsify_strength=50", "group.balance=3"])
+    schedule, weights = cfg.group.grouping_schedule(seed=7), cfg.group.regularizer_weights()
+    for cls, built in ((GroupingSchedule, schedule), (RegularizerWeights, weights)):
+        for f in dataclasses.fields(cls):
+            if f.name != "random_seed":
+                assert getattr(built, f.name) == getattr(cfg.group, f.name), f.name
+    assert schedule.random_seed == 7 and (schedule.assign, weights.balance) == ("learned", 3)

@@ -3,7 +3,6 @@ an explicit bf16 on a device that only emulates it still runs, with one warning 
 capability check is injected both ways, so these pass on any CPU."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch

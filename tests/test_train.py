@@ -3,7 +3,7 @@ import torch
 
 from splitnet import build_model
 from splitnet.regularizers import RegularizerWeights, parameter_groups, regularizer_terms
-from splitnet.train import evaluate, train_one_epoch
+from splitnet.train import evaluate, evaluate_models, train_one_epoch
 
 
 def synthetic(n=64, classes=4, seed=0):
@@ -117,3 +117,23 @@ def test_evaluate_restores_the_models_mode():
     assert model.training and all(m.training for m in model.modules())
     evaluate(model.eval(), batches)
     assert not model.training
+
+
+def test_evaluate_models_scores_each_model_as_evaluate_does_in_one_pass():
+    """The pipeline's evaluate stage scores every model of the run over one read of the data: each
+    result is what evaluate() gives that model alone, and every model's mode is restored."""
+    torch.manual_seed(0)
+    a, b = build_model("wrn-10-1", 4, "1"), build_model("wrn-10-1", 4, "1")
+    batches = [(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])), (torch.randn(3, 3, 16, 16), torch.tensor([3, 2, 1]))]
+    reads = []
+
+    def once():
+        for batch in batches:
+            reads.append(1)
+            yield batch
+
+    both = evaluate_models({"a": a.train(), "b": b.eval()}, once())
+    assert len(reads) == len(batches)
+    assert both == {"a": evaluate(a, batches), "b": evaluate(b, batches)}
+    assert a.training and not b.training
+    assert evaluate_models({"a": a}, batches, max_batches=1)["a"]["images"] == 4

@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from pipelines.config import ON_BAD_RECORD
+
 from .records import DEFAULT_MAX_PIXELS, BadRecord, BadRecordError, BadImage, open_image
 from .sources import (Item, list_source, read_item, read_parents, write_class_table, write_parquet_shard,
                       write_webdataset_shard)
@@ -179,8 +181,8 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
         raise PrepareError(f"invalid --shard-size {shard_size}: must be >= 1")
     if validate not in ("none", "header", "full"):
         raise PrepareError(f"invalid --validate {validate!r}: use none, header or full")
-    if on_bad_record not in ("skip", "fail"):
-        raise PrepareError(f"invalid --on-bad-record {on_bad_record!r}: use skip or fail")
+    if on_bad_record not in ON_BAD_RECORD:
+        raise PrepareError(f"invalid --on-bad-record {on_bad_record!r}: use {' or '.join(ON_BAD_RECORD)}")
     t0 = time.perf_counter()
     try:
         src = list_source(source)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.config import ON_BAD_RECORD
+
 SKIPPED_KINDS = ("empty", "not_image", "truncated", "too_large", "missing_label")
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; ImageNet-22K's largest real images are well below
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -172,8 +174,8 @@ class DecodeConfig:
     on_odd_mode: str = "convert"
 
     def __post_init__(self):
-        if self.on_bad_record not in ("skip", "fail"):
-            raise ValueError(f"invalid on_bad_record {self.on_bad_record!r}: use 'skip' or 'fail'")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"invalid on_bad_record {self.on_bad_record!r}: use {' or '.join(ON_BAD_RECORD)}")
         if self.on_odd_mode not in ("convert", "skip"):
             raise ValueError(f"invalid on_odd_mode {self.on_odd_mode!r}: use 'convert' or 'skip'")
 

@@ -144,7 +144,7 @@ def _ilsvrc2012(out: Path, wnids: list[str], painter: "Painter", per_class: int,
     given in a shuffled order as in the real devkit, to wnids, with parent synsets among them).
     Kaggle: ``ILSVRC/Data/CLS-LOC/{train/<wnid>,val}/`` and ``LOC_val_solution.csv``."""
     rng = np.random.default_rng([seed, 2012])
-    nbytes, files = 0, 0
+    nbytes = 0
     val_labels = rng.permutation(np.repeat(np.arange(len(wnids)), val_per_class)).tolist()
     if kaggle:
         data = out / "ILSVRC" / "Data" / "CLS-LOC"

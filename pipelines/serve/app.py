@@ -38,7 +38,9 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.data.records import to_float_tensor
+from pipelines.serve.deploy import MAX_ONGOING_REQUESTS, SUBTREE_USER_CONFIG, TRUNK_USER_CONFIG, DeployOptions
 from pipelines.serve.inputs import Limits, RequestError, decode_images, parse_predict, resolve_classes
+from splitnet.tree import class_order
 
 log = logging.getLogger("ray.serve")
 MODES = ("fanout", "local", "dense")
@@ -82,7 +84,8 @@ def fetch_tree(location: str, files: list[str]) -> str:
     return local
 
 
-def _manifest(tree: str) -> dict:
+def read_tree_manifest(tree: str) -> dict:
+    """A tree's manifest, from a local directory or a URI (only ``manifest.yaml`` is read)."""
     if "://" not in tree:
         from splitnet.artifacts import read_manifest
 
@@ -182,15 +185,16 @@ def pin_thread(cores: list[int] | None) -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-@serve.deployment(name="subtree", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.25})
+@serve.deployment(name="subtree", max_ongoing_requests=MAX_ONGOING_REQUESTS,
+                  ray_actor_options={"num_cpus": DeployOptions.subtree_cpus})
 class Subtree:
     """Subtree ``index``: trunk features [B, C, H, W] -> logits [B, n_g] of its classes.
 
     Requests are batched (``@serve.batch``, counted in images). Each replica reads the manifest and
     ``subtree-<index>.safetensors`` only."""
 
-    def __init__(self, tree: str, index: int, device: str = "auto", amp: str | None = "auto", torch_threads: int = 1,
-                 cpu_cores: list[int] | None = None):
+    def __init__(self, tree: str, index: int, device: str = DeployOptions.device, amp: str | None = DeployOptions.amp,
+                 torch_threads: int = DeployOptions.torch_threads, cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
 
         from splitnet.artifacts import load_subtree
@@ -217,10 +221,12 @@ class Subtree:
 
     def reconfigure(self, config: dict) -> None:
         """user_config: ``max_batch_images``, ``batch_wait_timeout_s`` (no restart needed)."""
-        self.logits.set_max_batch_size(int(config.get("max_batch_images", 256)))
-        self.logits.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+        config = {**SUBTREE_USER_CONFIG, **(config or {})}
+        self.logits.set_max_batch_size(int(config["max_batch_images"]))
+        self.logits.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
-    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.0, batch_size_fn=_images_in)
+    @serve.batch(max_batch_size=SUBTREE_USER_CONFIG["max_batch_images"],
+                 batch_wait_timeout_s=SUBTREE_USER_CONFIG["batch_wait_timeout_s"], batch_size_fn=_images_in)
     async def logits(self, features: list[np.ndarray]) -> list[np.ndarray]:
         sizes = [len(f) for f in features]
         start = time.perf_counter()
@@ -280,9 +286,9 @@ class _Model:
         self.mode, self.device, self.cores = mode, device, cores
         self.precision = _precision(device, amp)
         if mode == "fanout":
-            self.net, _ = load_trunk(local_tree, device)
+            self.net, _ = load_trunk(local_tree, device, manifest)
         elif mode == "local":
-            self.net = load_tree(local_tree, device)
+            self.net = load_tree(local_tree, device, manifest)
         else:
             from splitnet.models import build_model
 
@@ -303,13 +309,14 @@ class _Model:
 
 # NOTE: @serve.ingress snapshots the module's globals when the class is defined: every module-level
 # name the class uses must be defined above this line.
-@serve.deployment(name="trunk", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+@serve.deployment(name="trunk", max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": DeployOptions.trunk_cpus})
 @serve.ingress(api)
 class TreeIngress:
     """HTTP in front of the tree: ``POST /predict``, ``GET /metadata``, ``GET /healthz``."""
 
     def __init__(self, tree: str, subtrees: list[DeploymentHandle] | None = None, mode: str = "fanout",
-                 device: str = "auto", amp: str | None = "auto", torch_threads: int = 1, dense_weights: str | None = None,
+                 device: str = DeployOptions.device, amp: str | None = DeployOptions.amp,
+                 torch_threads: int = DeployOptions.torch_threads, dense_weights: str | None = None,
                  cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
 
@@ -321,7 +328,7 @@ class TreeIngress:
         torch.set_num_threads(len(cores) if cores else max(1, int(torch_threads)))
         self.mode = mode
         self.device = pick_device(device)
-        manifest = _manifest(tree)
+        manifest = read_tree_manifest(tree)
         files = [manifest["trunk"]["file"]]
         if mode == "local":
             files += [entry["file"] for entry in manifest["subtrees"]]
@@ -348,6 +355,7 @@ class TreeIngress:
         self.handles = [h.options(_by_reference=False) for h in subtrees or []]
         if mode == "fanout" and len(self.handles) != len(m["subtrees"]):
             raise ValueError(f"the tree has {len(m['subtrees'])} subtrees, the app passed {len(self.handles)} handles")
+        self._orders: dict[tuple, tuple] = {}   # needed subtrees -> (classes, positions): _class_order
         self.down: dict[int, str] = {}          # subtree -> why it is unavailable
         self._probes: dict[int, asyncio.Task] = {}
         self.requests = Counter("splitnet_requests", description="HTTP requests by route and status",
@@ -361,12 +369,12 @@ class TreeIngress:
         ``batch_wait_timeout_s``, ``retries`` (subtree calls whose replica died) and
         ``assign_timeout_s`` (how long a subtree call may wait for a replica to take it before the
         subtree counts as unavailable). Applied to running replicas, no restart."""
-        config = dict(config or {})
+        config = {**TRUNK_USER_CONFIG, **(config or {})}
         self.limits = Limits(**(config.get("limits") or {}))
-        self.retries = int(config.get("retries", 3))
-        self.assign_timeout_s = float(config.get("assign_timeout_s", 2.0))
-        self._batched.set_max_batch_size(max(int(config.get("max_batch_images", 64)), self.limits.max_images))
-        self._batched.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.0)))
+        self.retries = int(config["retries"])
+        self.assign_timeout_s = float(config["assign_timeout_s"])
+        self._batched.set_max_batch_size(max(int(config["max_batch_images"]), self.limits.max_images))
+        self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
     # -- routes ----------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -474,16 +482,22 @@ class TreeIngress:
                   else list(range(len(self.subtree_classes))))
         if self.mode == "fanout":
             parts = await asyncio.gather(*(self._call_subtree(g, self._inputs_of(g, out)) for g in needed))
-            classes = np.concatenate([self.subtree_classes[g] for g in needed])
-            logits = np.concatenate(parts, axis=1)
+            classes, position = self._class_order(tuple(needed))  # back to the original class order
+            logits = np.take(np.concatenate(parts, axis=1), position, axis=1)
         else:  # the whole tree / the dense model ran in-process: logits of every class, class order
             classes, logits = np.arange(len(self.class_names)), out
-        order = np.argsort(classes, kind="stable")  # back to the original class order
-        classes, logits = classes[order], logits[:, order]
         if wanted is not None:
             keep = np.searchsorted(classes, wanted)
             classes, logits = classes[keep], logits[:, keep]
         return self._answer(classes, logits, top_k, req.probabilities, needed, wanted is not None)
+
+    def _class_order(self, needed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The classes the ``needed`` subtrees cover, ascending, and their positions in the subtrees'
+        concatenated logits (:func:`splitnet.tree.class_order`), kept per set of subtrees."""
+        if needed not in self._orders:
+            classes, position = class_order([self.subtree_classes[g] for g in needed])
+            self._orders[needed] = classes.numpy(), position.numpy()
+        return self._orders[needed]
 
     def _answer(self, classes, logits, top_k, with_probabilities, needed, filtered) -> dict:
         logits = logits.astype(np.float64)
@@ -507,7 +521,8 @@ class TreeIngress:
             answer["note"] = "probabilities are over the requested classes only"
         return answer
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, batch_size_fn=_images_in)
+    @serve.batch(max_batch_size=TRUNK_USER_CONFIG["max_batch_images"],
+                 batch_wait_timeout_s=TRUNK_USER_CONFIG["batch_wait_timeout_s"], batch_size_fn=_images_in)
     async def _batched(self, xs: list[torch.Tensor]) -> list[np.ndarray]:
         """Trunk features (fanout) or logits (local, dense) for several requests in one forward."""
         sizes = [len(x) for x in xs]
@@ -588,7 +603,7 @@ def build_with_options(args: dict, options: dict[str, dict] | None = None) -> se
     ingress = TreeIngress.options(**options.get("trunk", {}))
     if mode != "fanout":
         return ingress.bind(tree, None, mode=mode, dense_weights=dense_weights, **common)
-    count = len(_manifest(tree)["subtrees"])
+    count = len(read_tree_manifest(tree)["subtrees"])
     subtrees = [Subtree.options(name=f"subtree-{g}", **options.get(f"subtree-{g}", {})).bind(tree, g, **common)
                 for g in range(count)]
     return ingress.bind(tree, subtrees, mode="fanout", **common)

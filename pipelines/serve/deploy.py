@@ -32,6 +32,10 @@ class DeployError(ValueError):
 
 # what pinned replicas run with: OpenMP threads sleep when idle instead of spinning
 PINNED_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# what each deployment takes without a config (pipelines.serve.app's decorators and reconfigure read these)
+MAX_ONGOING_REQUESTS = 64
+TRUNK_USER_CONFIG = {"max_batch_images": 64, "batch_wait_timeout_s": 0.0, "retries": 3, "assign_timeout_s": 2.0}
+SUBTREE_USER_CONFIG = {"max_batch_images": 256, "batch_wait_timeout_s": 0.0}
 
 
 @dataclass
@@ -75,11 +79,11 @@ def parse_replicas(items: list[str], what: str = "--subtree-replicas") -> dict[i
 
 def serve_config(tree: str, opts: DeployOptions) -> dict:
     """The Serve config (``serve deploy`` schema) for the tree at ``tree`` (run dir or tree dir)."""
-    from pipelines.serve.app import MODES, _manifest, tree_location
+    from pipelines.serve.app import MODES, read_tree_manifest, tree_location
 
     try:
         tree = tree_location(tree)
-        manifest = _manifest(tree)
+        manifest = read_tree_manifest(tree)
     except (FileNotFoundError, OSError, ValueError) as e:
         raise DeployError(str(e)) from None
     count = len(manifest["subtrees"])
@@ -103,10 +107,9 @@ def serve_config(tree: str, opts: DeployOptions) -> dict:
     args["amp"] = opts.amp
     if opts.dense_weights:
         args["dense_weights"] = opts.dense_weights
-    trunk = {"name": "trunk", "num_replicas": opts.trunk_replicas, "max_ongoing_requests": 64,
+    trunk = {"name": "trunk", "num_replicas": opts.trunk_replicas, "max_ongoing_requests": MAX_ONGOING_REQUESTS,
              "ray_actor_options": {"num_cpus": opts.trunk_cpus, **({"num_gpus": opts.trunk_gpus} if opts.trunk_gpus else {})},
-             "user_config": {"limits": dict(opts.limits), "max_batch_images": 64, "batch_wait_timeout_s": 0.0,
-                             "retries": 3, "assign_timeout_s": 2.0}}
+             "user_config": {"limits": dict(opts.limits), **TRUNK_USER_CONFIG}}
     if opts.pin_cores:
         # an idle OpenMP thread of the trunk spins on its core for a while (the default active wait
         # policy) and starves the subtree pinned there: measured p50 at concurrency 1 137 ms vs 33 ms
@@ -119,8 +122,8 @@ def serve_config(tree: str, opts: DeployOptions) -> dict:
                 actor["runtime_env"] = {"env_vars": dict(PINNED_ENV)}
             if opts.subtree_gpus:
                 actor["num_gpus"] = opts.subtree_gpus
-            spec = {"name": f"subtree-{g}", "max_ongoing_requests": 64, "ray_actor_options": actor,
-                    "user_config": {"max_batch_images": 256, "batch_wait_timeout_s": 0.0}}
+            spec = {"name": f"subtree-{g}", "max_ongoing_requests": MAX_ONGOING_REQUESTS, "ray_actor_options": actor,
+                    "user_config": dict(SUBTREE_USER_CONFIG)}
             if g in opts.autoscale_max:
                 spec["autoscaling_config"] = {"min_replicas": opts.subtree_replicas.get(g, 1),
                                               "max_replicas": opts.autoscale_max[g], "target_ongoing_requests": 4}

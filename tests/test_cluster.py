@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gzip
 import json
 import re
 import shlex
@@ -186,31 +187,47 @@ def pinned_in(obj) -> dict[str, str]:
     return {m.group(1): m.group(3) for s in walk_strings(obj) for m in _PIN.finditer(s)}
 
 
-# Fields of the ray.io/v1 types (KubeRay v1.5/v1.6); a key outside these is a typo that the
-# API server would reject or silently drop.
-RAY_CLUSTER_SPEC_FIELDS = {
-    "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
-    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions",
-    "upgradeStrategy"}
-HEAD_GROUP_FIELDS = {"template", "headService", "enableIngress", "rayStartParams", "serviceType", "labels", "resources"}
-WORKER_GROUP_FIELDS = {"suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
-                       "rayStartParams", "template", "scaleStrategy", "numOfHosts", "labels", "resources"}
-RAY_JOB_SPEC_FIELDS = {
-    "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-    "clusterSelector", "submitterConfig", "managedBy", "deletionPolicy", "deletionStrategy", "entrypoint",
-    "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
-    "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend"}
+CRDS = REPO.parent / "shared" / "data" / "kuberay-crds"  # KubeRay's own schemas (README there)
+
+
+def _strict(schema):
+    """The CRD schema with unknown fields refused wherever it lists an object's fields: Kubernetes
+    prunes them silently, so a typo'd key (enableInTreeAutoscalling) would never reach KubeRay."""
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [_strict(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def crd_validator(kind: str, version: str):
+    import jsonschema
+
+    with gzip.open(CRDS / f"{kind}.json.gz", "rt") as f:
+        return jsonschema.Draft7Validator(_strict(json.load(f)[version]))
+
+
+def crd_problems(doc: dict, where: str) -> list[str]:
+    """The resource against KubeRay's CRD schema of its kind and version: types, enums, required
+    fields (rayStartParams values are strings, a worker group has min/maxReplicas), unknown fields."""
+    version = str(doc.get("apiVersion", "")).split("/")[-1]
+    errors = crd_validator(doc.get("kind"), version).iter_errors(doc)
+    return sorted(f"{where}:{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors)
 
 
 def cluster_spec_problems(spec: dict, where: str) -> list[str]:
-    """A RayClusterSpec: fields, versions, the head runs nothing, groups, resources, GPUs, /dev/shm."""
-    problems = [f"{where}: unknown field {k}" for k in spec if k not in RAY_CLUSTER_SPEC_FIELDS]
+    """The project's rules for a RayClusterSpec (the schema's are crd_problems'): the pinned Ray, the
+    head runs nothing, groups, resources, GPUs, /dev/shm."""
+    problems = []
     if str(spec.get("rayVersion")) != pins()["ray"]:
         problems.append(f"{where}.rayVersion: {spec.get('rayVersion')!r}, pyproject pins ray=={pins()['ray']}")
     head = spec.get("headGroupSpec")
     if not isinstance(head, dict):
         return problems + [f"{where}.headGroupSpec: missing"]
-    problems += [f"{where}.headGroupSpec: unknown field {k}" for k in head if k not in HEAD_GROUP_FIELDS]
     if (head.get("rayStartParams") or {}).get("num-cpus") != "0":
         problems.append(f"{where}.headGroupSpec.rayStartParams: num-cpus must be \"0\" (no work on the head)")
     workers = spec.get("workerGroupSpecs")
@@ -222,10 +239,6 @@ def cluster_spec_problems(spec: dict, where: str) -> list[str]:
         problems.append(f"{where}.workerGroupSpecs: duplicate groupName in {names}")
     for group in workers:
         at = f"{where}.workerGroupSpecs[{group.get('groupName')}]"
-        problems += [f"{at}: unknown field {k}" for k in group if k not in WORKER_GROUP_FIELDS]
-        for key in ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"):
-            if key not in group:
-                problems.append(f"{at}: missing {key}")
         counts = [group.get(k) for k in ("minReplicas", "replicas", "maxReplicas")]
         if all(isinstance(c, int) for c in counts) and not 0 <= counts[0] <= counts[1] <= counts[2]:
             problems.append(f"{at}: expected 0 <= minReplicas <= replicas <= maxReplicas, got {counts}")
@@ -239,8 +252,6 @@ def _group_problems(name: str, group: dict, at: str) -> list[str]:
     params = group.get("rayStartParams")
     if not isinstance(params, dict):
         return [f"{at}: rayStartParams missing"]
-    problems += [f"{at}.rayStartParams.{k}: {v!r} must be a string (KubeRay map[string]string)"
-                 for k, v in params.items() if not isinstance(v, str)]
     container = ray_container(group)
     image = container.get("image")
     if not image:
@@ -459,6 +470,7 @@ def test_kuberay_resources(name):
     assert doc["apiVersion"] == "ray.io/v1"
     assert doc.get("kind") in ("RayCluster", "RayJob", "RayService")
     assert (doc.get("metadata") or {}).get("name"), f"{name}: metadata.name missing"
+    assert crd_problems(doc, name) == []
     specs = ray_cluster_specs(doc)
     assert specs, f"{name}: no Ray cluster spec"
     for where, spec in specs:
@@ -491,7 +503,6 @@ def test_rayjob_cluster_is_raycluster_yaml():
 def test_rayjob_spec():
     doc = cluster_docs()["rayjob.yaml"]
     spec = doc["spec"]
-    assert [k for k in spec if k not in RAY_JOB_SPEC_FIELDS] == []
     assert spec.get("shutdownAfterJobFinishes") is True
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env_problems(env, "rayjob.yaml:runtimeEnvYAML") == []
@@ -640,14 +651,11 @@ GPU_CONTAINER = GPU_GROUP + ("template", "spec", "containers", 0)
 
 SPEC_BREAKS = [
     (("spec", "rayVersion"), "2.59.0", "pyproject pins ray=="),
-    (("spec", "enableInTreeAutoscalling"), True, "unknown field enableInTreeAutoscalling"),
     (("spec", "headGroupSpec", "rayStartParams", "num-cpus"), "1", 'num-cpus must be "0"'),
     (("spec", "headGroupSpec", "rayStartParams", "num-cpus"), 0, 'num-cpus must be "0"'),
     (("spec", "headGroupSpec"), ..., "headGroupSpec: missing"),
-    (GPU_GROUP + ("maxReplicas",), ..., "missing maxReplicas"),
     (GPU_GROUP + ("minReplicas",), 9, "minReplicas <= replicas <= maxReplicas"),
     (GPU_GROUP + ("groupName",), "cpu-workers", "duplicate groupName"),
-    (GPU_GROUP + ("rayStartParams", "object-store-memory"), 274877906944, "must be a string"),
     (GPU_CONTAINER + ("image",), "rayproject/ray:2.60.0-py311-cpu", "needs a -gpu/-cuXYZ image"),
     (GPU_CONTAINER + ("resources", "limits", "nvidia.com/gpu"), ..., "must request nvidia.com/gpu"),
     (GPU_CONTAINER + ("resources", "requests", "cpu"), "44", "!= limits"),
@@ -663,6 +671,25 @@ def test_cluster_spec_check_catches(path, value, expected):
     doc = cluster_docs()["raycluster.yaml"]
     assert cluster_spec_problems(doc["spec"], "ok") == []
     problems = cluster_spec_problems(_set(doc, path, value)["spec"], "broken")
+    assert any(expected in p for p in problems), problems
+
+
+CRD_BREAKS = [
+    (("spec", "enableInTreeAutoscalling"), True, "Additional properties are not allowed ('enableInTreeAutoscalling'"),
+    (GPU_GROUP + ("maxReplicas",), ..., "'maxReplicas' is a required property"),
+    (GPU_GROUP + ("rayStartParams", "object-store-memory"), 274877906944, "274877906944 is not of type 'string'"),
+    (GPU_GROUP + ("replicas",), "2", "'2' is not of type 'integer'"),
+    (GPU_CONTAINER + ("env",), "RAY_DEDUP_LOGS=0", "'RAY_DEDUP_LOGS=0' is not of type 'array'"),
+    (GPU_CONTAINER + ("resources", "limitz"), {"cpu": "1"}, "Additional properties are not allowed ('limitz'"),
+]
+
+
+@pytest.mark.parametrize("path, value, expected", CRD_BREAKS, ids=[e.split(" ")[0] for _, _, e in CRD_BREAKS])
+def test_crd_check_catches(path, value, expected):
+    """KubeRay's own schema (made strict on unknown fields) catches what the hand checks no longer do."""
+    doc = cluster_docs()["raycluster.yaml"]
+    assert crd_problems(doc, "ok") == []
+    problems = crd_problems(_set(doc, path, value), "broken")
     assert any(expected in p for p in problems), problems
 
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 import time
+import traceback
+import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+from splitnet.train import _clock
 
 _HANDLES: list = []  # a named actor lives as long as its creating handle
 
@@ -54,8 +59,6 @@ def format_status(st: dict, bar_width: int = 0) -> str:
     """``[baseline] epoch 2/5: step 40/78 | 312 img/s | ETA epoch 0:12, stage 2:40``; with
     ``bar_width``, a bar in place of the step count's percentage. Distinct from an epoch line
     (``[stage] epoch 2/5 | ...``): the colon after the epoch."""
-    from splitnet.train import _clock
-
     head = f"[{st['stage']}] epoch {st['epoch']}/{st['epochs']}:"
     step, steps = st["step"], max(st["steps"], 1)
     if bar_width:
@@ -207,8 +210,6 @@ class TerminalLog:
             if not self.interactive:
                 self.out.write(format_status(st) + "\n")
             else:
-                import shutil
-
                 width = shutil.get_terminal_size((100, 20)).columns
                 self.out.write("\r\x1b[K" + format_status(st, bar_width=20)[:max(width - 1, 20)])
                 self.showing = True
@@ -245,8 +246,6 @@ class Printer:
     own lines, one at a time, in order. ``flush()`` before a line that must come after theirs."""
 
     def __init__(self, log: Callable[[str], None], interval: float = 0.5):
-        import uuid
-
         import ray
 
         self.log = log
@@ -325,8 +324,6 @@ class QuietRun:
         threading.excepthook = self._thread_exception  # Ray Data's pool threads end with tracebacks at shutdown
 
     def _thread_exception(self, args) -> None:
-        import traceback
-
         self.file.write(f"exception in thread {args.thread.name if args.thread else '?'}:\n")
         traceback.print_exception(args.exc_type, args.exc_value, args.exc_traceback, file=self.file)
 

@@ -12,10 +12,19 @@ import json
 import os
 import time
 
-from splitnet.metrics import semantic_quality
-from splitnet.grouping import MIN_GROUP_SHARE
-from splitnet.tree import smallest_group_share
+import torch
 
+from splitnet import build_model
+from splitnet.accounting import model_cost
+from splitnet.artifacts import hard_assignment, read_manifest
+from splitnet.grouping import MIN_GROUP_SHARE
+from splitnet.metrics import semantic_quality
+from splitnet.models import CLASSES
+from splitnet.plots import plot_assignment, plot_group_semantics, plot_split_layers, plot_tree
+from splitnet.tree import smallest_group_share
+from splitnet.wordnet import categories, is_wnid
+
+from .checkpoints import load_grouped
 from .config import PipelineConfig, to_dict
 from .rundir import RunDir
 
@@ -56,8 +65,6 @@ def _above_random(semantic: dict | None) -> bool | None:
 
 def _wordnet_categories(class_names: list[str]) -> list[str] | None:
     """WordNet lexicographer file per class when every class is a wnid and WordNet is installed."""
-    from splitnet.wordnet import categories, is_wnid
-
     if not class_names or not all(is_wnid(n) for n in class_names):
         return None
     try:
@@ -146,16 +153,6 @@ def _checks(metrics: dict, counts: dict, cut_result: dict, semantic: dict | None
 
 
 def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: dict, seconds: float, log) -> dict:
-    import torch
-
-    from splitnet import build_model
-    from splitnet.accounting import model_cost
-    from splitnet.artifacts import hard_assignment, read_manifest
-    from splitnet.models import CLASSES
-    from splitnet.plots import plot_assignment, plot_group_semantics, plot_split_layers, plot_tree
-
-    from .checkpoints import load_grouped
-
     with rd.local_copy("tree") as d:
         manifest = read_manifest(d)
     counts = manifest["counts"]

@@ -15,17 +15,36 @@ a stage whose worker dies, up to ``failure.max_failures`` times).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import tarfile
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+import pyarrow.parquet as pq
+import torch
 import yaml
 
+from splitnet import cut
+from splitnet.accounting import model_cost
+from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD, load_cifar100
+from splitnet.grouping import off_block_energy
+from splitnet.precision import OVERRIDE_ENV, choose_precision
+
+from .checkpoints import load_grouped
 from .config import PipelineConfig, differences, from_dict, to_dict
-from .data.records import IMAGENET_MEAN, IMAGENET_STD
+from .data.prepare import PrepareError, parents_line, prepare
+from .data.records import IMAGENET_MEAN, IMAGENET_STD, DecodeConfig
+from .data.sources import read_parents, source_splits
+from .data.stream import (IMAGE_COLUMNS, bad_record_log, cached_decoded, decoded_bytes, list_shards, read_dataset,
+                          resolve)
+from .progress import Printer, link_ray_logs, verbose
+from .report import write_report
 from .rundir import RunDir
+from .stages import evaluate_loop, train_loop
 
 STAGES = ("prepare", "baseline", "group", "cut", "finetune", "control", "evaluate", "report")
 
@@ -89,13 +108,10 @@ def _init_ray() -> str:
     """
     import ray
 
-    from .progress import verbose
-
     if ray.is_initialized():
         return "the running Ray"
     address = os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}}
-    from splitnet.precision import OVERRIDE_ENV
 
     if os.environ.get(OVERRIDE_ENV):  # the user's answer to "native bf16?" holds on the workers too
         env["env_vars"][OVERRIDE_ENV] = os.environ[OVERRIDE_ENV]
@@ -108,10 +124,6 @@ def _init_ray() -> str:
 
 def _probe_precision(amp: str, use_gpu: bool):
     """On a node like the workers': what ``scaling.amp`` resolves to there (a ``Precision``)."""
-    import torch
-
-    from splitnet.precision import choose_precision
-
     return choose_precision(amp, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
@@ -162,8 +174,6 @@ def _check_resources(cfg: PipelineConfig, log) -> None:
 
 def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     """Local relative paths made absolute on the driver: workers run in other folders."""
-    import dataclasses
-
     def fix(path: str) -> str:
         return path if not path or "://" in path or os.path.isabs(path) else os.path.abspath(path)
 
@@ -183,8 +193,6 @@ def _check_source(cfg: PipelineConfig) -> None:
 # ---- prepare ------------------------------------------------------------------------------
 
 def _is_shards(uri: str) -> bool:
-    from .data.stream import list_shards
-
     try:
         list_shards(uri, "train")
         return True
@@ -196,12 +204,6 @@ def _count_records(uri: str, split: str) -> int:
     """Records in the shards of ``split``: from the ``<shard>.done.json`` that ``prepare`` leaves
     next to each shard when they are all there (a few bytes per shard, also on ``s3://``), else
     from Parquet footers or the image members of each WebDataset tar (reads whole tars)."""
-    import tarfile
-
-    import pyarrow.parquet as pq
-
-    from .data.stream import IMAGE_COLUMNS, list_shards
-
     fs, paths, fmt = list_shards(uri, split)
     try:
         total = 0
@@ -224,8 +226,6 @@ def _count_records(uri: str, split: str) -> int:
 
 
 def _class_table(uri: str) -> list[dict]:
-    from .data.stream import resolve
-
     fs, root = resolve(uri)
     for name in ("classes.json", "classes.tsv"):
         try:
@@ -258,9 +258,6 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
         shards = source
         log(f"prepare: reading the shards at {source} as they are")
         if d.parents:  # not written into the user's shard folder: the run's class table only
-            from .data.prepare import parents_line
-            from .data.sources import read_parents
-
             names = [str(r["name"]) for r in _class_table(shards)]
             try:
                 user_parents = read_parents(d.parents, names)
@@ -268,15 +265,11 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
                 raise PipelineError(f"data.parents: {e}") from None
             log(parents_line(d.parents, names, user_parents))
     else:
-        from .data.prepare import PrepareError, prepare
-
         shards = d.shards or (rd.path("shards") if rd.is_local else "")
         if not shards or "://" in shards:
             raise PipelineError("data.shards: the run dir is a URI; set data.shards to a folder every node can read "
                                 "(converted shards are written there), or point data.source at prepared shards")
         if d.eval_split:  # before converting: a new eval_split needs a new run dir (the config is saved)
-            from .data.sources import source_splits
-
             try:
                 splits = source_splits(source)
             except ValueError as e:
@@ -310,7 +303,6 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
         records = int(records * (1 - d.val_fraction))
     # CIFAR-100's channel statistics for CIFAR-100 (or a class subset of it) at 32 px, ImageNet's otherwise
     cifar = d.image_size == 32 and (len(names) == 100 or (summary or {}).get("layout") == "cifar100")
-    from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD
 
     mean = list(d.mean) or list(CIFAR100_MEAN if cifar else IMAGENET_MEAN)
     std = list(d.std) or list(CIFAR100_STD if cifar else IMAGENET_STD)
@@ -322,8 +314,6 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
 
 
 def _has_split(uri: str, split: str) -> bool:
-    from .data.stream import list_shards
-
     try:
         list_shards(uri, split)
         return True
@@ -333,10 +323,6 @@ def _has_split(uri: str, split: str) -> bool:
 
 def _download_cifar(root: str, log) -> None:
     """torchvision's downloader (online users), then the .npz layout the rest reads."""
-    import numpy as np
-
-    from splitnet.datasets import load_cifar100
-
     os.makedirs(root, exist_ok=True)
     for split in ("train", "test"):
         data = load_cifar100(root, split, download=True)
@@ -350,8 +336,6 @@ def _download_cifar(root: str, log) -> None:
 
 def _decode_config(cfg: PipelineConfig, info: DataInfo, train: bool):
     """How the run's records become images (train: augmented while decoding)."""
-    from .data.records import DecodeConfig
-
     d = cfg.data
     return DecodeConfig(image_size=d.image_size, train=train, num_classes=info.num_classes, max_pixels=d.max_pixels,
                         on_bad_record=d.on_bad_record)
@@ -373,8 +357,6 @@ class DecodedCache:
     def _fits(self) -> bool:
         import ray
 
-        from .data.stream import decoded_bytes
-
         d = self.cfg.data
         if not d.cache or d.image_size > 64:
             return False
@@ -389,8 +371,6 @@ class DecodedCache:
         if not self.enabled:
             return None
         if which not in self.datasets:
-            from .data.stream import cached_decoded
-
             d, info = self.cfg.data, self.info
             split, subset = ("train", "train") if which == "train" else (info.eval_split, info.eval_subset)
             self.datasets[which] = cached_decoded(
@@ -411,8 +391,6 @@ def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int 
     """The trainers' datasets: ``train`` (augmented; from ``cache`` block-shuffled anew every epoch,
     the augmentation left to the workers) and ``val``."""
     import ray
-
-    from .data.stream import read_dataset
 
     d = cfg.data
     common = dict(concurrency=d.decode_actors, num_cpus=d.decode_cpus)
@@ -499,8 +477,6 @@ def progress_interval(log) -> float:
 
 def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, stage: str, log,
                  precision: str | None = None, cache: DecodedCache | None = None) -> None:
-    from .stages import train_loop
-
     st = getattr(cfg, stage)
     if not st.enabled:
         log(f"[{stage}] disabled in the config")
@@ -540,12 +516,6 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
 
 def cut_stage(cfg_dict: dict, num_classes: int, class_names: list[str], mean, std) -> dict:
     """Ray task: load the grouped model, cut it into the tree, write ``cut/``."""
-    from splitnet import cut
-    from splitnet.accounting import model_cost
-    from splitnet.grouping import off_block_energy
-
-    from .checkpoints import load_grouped
-
     cfg = from_dict(cfg_dict)
     rd = RunDir(cfg.run_dir)
     model = load_grouped(cfg.model.arch, cfg.model.split, num_classes, rd).eval()
@@ -585,8 +555,6 @@ def _cut(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log) -> N
 
 def _evaluate(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, log,
               cache: DecodedCache | None = None) -> dict:
-    from .stages import evaluate_loop
-
     if _done(state, "evaluate"):
         log("[evaluate] done earlier, skipped")
         return rd.read_json("evaluate/metrics.json")
@@ -603,8 +571,6 @@ def collect_bad_records(rd: RunDir, info: DataInfo) -> str:
     """Merge the bad records seen so far (prepare's, and every stage's stream) into the run dir's
     ``bad_records.jsonl``, once per (shard, key, kind) however many epochs met them; a summary line."""
     import ray
-
-    from .data.stream import bad_record_log
 
     rows = {}
     for line in (rd.read_text("bad_records.jsonl") if rd.exists("bad_records.jsonl") else "").splitlines():
@@ -633,9 +599,6 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
     """Run (or resume) every stage; returns the report. ``stop_after``: a stage name (for tests).
     ``logs_dir``: where Ray's own output went (named in the header)."""
     import ray
-
-    from .progress import Printer, link_ray_logs, verbose
-    from .report import write_report
 
     t0 = time.perf_counter()
     cfg = absolute_paths(cfg)

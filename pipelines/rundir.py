@@ -2,7 +2,6 @@
 pyarrow filesystems, so the same code writes a laptop's ``runs/x`` and a cluster's bucket.
 
 Layout (``splitnet run``)::
-
     config.yaml            the resolved configuration (a re-run must match it)
     state.json             finished stages and their results (what a re-run skips)
     checkpoints/<stage>/   Ray Train checkpoints (a re-run resumes the interrupted stage here)
@@ -21,11 +20,11 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 
 class RunDir:
     def __init__(self, uri: str):
-        import pyarrow.fs as pafs
-
         self.uri = uri
         if "://" in uri:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
@@ -52,8 +51,6 @@ class RunDir:
         return self.uri.rstrip("/") + ("/" + rel if rel else "")
 
     def exists(self, rel: str) -> bool:
-        import pyarrow.fs as pafs
-
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
     def read_bytes(self, rel: str) -> bytes:
@@ -87,8 +84,6 @@ class RunDir:
 
     def upload_dir(self, local_dir: str | os.PathLike, rel: str) -> None:
         """Copy a local folder to ``rel`` (replacing what was there)."""
-        import pyarrow.fs as pafs
-
         if self.is_local:
             target = self.local / rel
             tmp = target.with_name(target.name + ".tmp")
@@ -105,8 +100,6 @@ class RunDir:
     @contextmanager
     def local_copy(self, rel: str):
         """A local folder holding ``rel`` (the folder itself when the run dir is local)."""
-        import pyarrow.fs as pafs
-
         if self.is_local:
             yield self.local / rel
             return

@@ -15,14 +15,24 @@ Checkpoints hold ``model.safetensors``, ``optimizer.safetensors`` (tensors) +
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.fs as pafs
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from splitnet import build_model
+from splitnet.artifacts import load_tree, read_manifest
+from splitnet.distill import Distiller
+from splitnet.fused import FusedTree
 from splitnet.grouping import Grouping, classifier_class_groups, collapse_warning, collapsing, init_class_assignment_
 from splitnet.models import CLASSES
 from splitnet.precision import choose_precision
@@ -32,6 +42,8 @@ from splitnet.train import CompiledForward, evaluate, evaluate_models, format_ep
 
 from .checkpoints import load_dense_output, load_grouped, load_optimizer, load_state_file, save_optimizer, save_state
 from .config import PipelineConfig, from_dict
+from .data.stream import torch_batches
+from .progress import StepProgress, say, say_status
 from .rundir import RunDir
 
 TRAIN_STAGES = ("baseline", "group", "finetune", "control")
@@ -40,15 +52,11 @@ STAGE_SEEDS = {stage: i for i, stage in enumerate(TRAIN_STAGES)}
 
 def _sayer(actor_name: str | None):
     """Rank 0's progress lines: to the driver through the run's ProgressLog actor (pipelines.progress)."""
-    from .progress import say
-
     return lambda line: say(line, actor_name)
 
 
 def _step_progress(config: dict, stage: str, epochs: int, steps: int, images_per_step: int):
     """Rank 0's progress inside each epoch (every ``progress_every_s``: 30 s to a log, 2 s as a bar)."""
-    from .progress import StepProgress, say_status
-
     actor = config.get("progress")
     return StepProgress(lambda status: say_status(status, actor), stage, epochs, steps, images_per_step,
                         float(config.get("progress_every_s", 30.0)))
@@ -108,13 +116,9 @@ def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: 
             model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
         return model
     if stage == "finetune":
-        from splitnet.artifacts import load_tree
-
         with rd.local_copy("cut") as d:
             tree = load_tree(d).train()
         if cfg.finetune.fuse:
-            from splitnet.fused import FusedTree
-
             return FusedTree(tree)
         return tree
     raise ValueError(f"no model for stage {stage!r}")
@@ -135,7 +139,6 @@ def _fetch(rd: RunDir, uri: str) -> str:
     """A local path for ``uri`` (downloaded to a temp file when it is a URI)."""
     if "://" not in uri:
         return uri
-    import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(uri)
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-")) / Path(path).name
@@ -161,8 +164,6 @@ def _optimizer(cfg: PipelineConfig, stage: str, model) -> torch.optim.Optimizer:
 # ---- distributed helpers ------------------------------------------------------------------
 
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64)
@@ -193,11 +194,8 @@ def _merge_eval(val: dict) -> dict:
 
 def _workers() -> list[dict]:
     """(rank, node, host, device) of every worker, gathered on every rank."""
-    import socket
-
     import ray
     import ray.train
-    import torch.distributed as dist
 
     ctx = ray.train.get_context()
     me = {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
@@ -217,7 +215,6 @@ def _ddp(model):
     averaged across the workers once per epoch instead (:func:`_sync_assignments`).
     """
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
 
     ignore = [f"assignments.{name}" for name, _ in model.assignments.named_parameters()] if hasattr(model, "assignments") else []
     if ignore:
@@ -227,8 +224,6 @@ def _ddp(model):
 
 def _sync_assignments(model) -> None:
     """Average the assignment logits over the workers (guards against float drift between ranks)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     with torch.no_grad():
@@ -240,9 +235,6 @@ def _sync_assignments(model) -> None:
 def _setup(cfg: PipelineConfig):
     import ray.train
     import ray.train.torch
-
-    import logging
-    import os
 
     # one progress line per epoch is ours; Ray Train's per-report INFO lines would drown it
     logging.getLogger("ray.train").setLevel(os.environ.get("SPLITNET_TRAIN_LOG_LEVEL", "WARNING"))
@@ -320,8 +312,6 @@ def train_loop(config: dict) -> None:
     distill = None
     teacher = build_teacher(cfg, rd, config["num_classes"]) if stage == "finetune" else None
     if teacher is not None:
-        from splitnet.distill import Distiller
-
         teacher.to(device)
         if cfg.scaling.channels_last:
             teacher.to(memory_format=torch.channels_last)
@@ -329,7 +319,6 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             say(f"[{stage}] distilling from the {cfg.finetune.distill} model: T {distill.temperature:g}, "
                 f"weight {distill.weight:g}")
-    from .data.stream import torch_batches
 
     mean, std = config["mean"], config["std"]
     train_shard = ray.train.get_dataset_shard("train")
@@ -376,8 +365,6 @@ def train_loop(config: dict) -> None:
         start = time.perf_counter()
         augment = None
         if config.get("augment_in_workers"):  # the images come decoded once, not augmented (pipelines.run.DecodedCache)
-            import numpy as np
-
             augment = np.random.default_rng([cfg.seed, STAGE_SEEDS[stage], rank, epoch, progress["step_in_epoch"]])
         batches = torch_batches(train_shard, per_worker_batch, mean, std, str(device), drop_last=True, augment=augment,
                                 shuffle_buffer=max(16 * per_worker_batch, 2048) if augment is not None else None)
@@ -438,7 +425,6 @@ def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, prog
             _write_result(d, progress)
         return
     # finetune: the tree to serve, with the dense model's counts carried over from the cut
-    from splitnet.artifacts import read_manifest
 
     if hasattr(model, "write_back"):  # fused for training: the tree is what is saved and served
         model = model.write_back()
@@ -469,8 +455,6 @@ def evaluate_loop(config: dict) -> None:
     """Every model of the run on the evaluation split, one pass, sums reduced over the workers."""
     import ray.train
 
-    from splitnet.artifacts import load_tree
-
     cfg = from_dict(config["cfg"])
     rd = RunDir(cfg.run_dir)
     ctx, device, precision = _setup(cfg)
@@ -487,7 +471,6 @@ def evaluate_loop(config: dict) -> None:
         models["tree"] = load_tree(d)
     for m in models.values():
         m.to(device)
-    from .data.stream import torch_batches
 
     batches = torch_batches(ray.train.get_dataset_shard("val"), cfg.evaluate.batch_size, config["mean"], config["std"],
                             str(device))

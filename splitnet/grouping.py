@@ -40,10 +40,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from .models.base import SplitModel
-from .partition import classifier_class_groups
-from .regularizers import RegularizerWeights, init_std, regularizer_terms
+from .models.base import CLASSES, SplitModel
+from .partition import classifier_class_groups, derive_groups, random_groups, set_assignment_
+from .regularizers import RegularizerPlan, RegularizerWeights, _size_classes, init_std, regularizer_terms
+from .tree import hard_assignment, smallest_group_share
 
 METHODS = ("reference", "staged")
 MIN_GROUP_SHARE = 0.25  # a group under a quarter of its balanced size is collapsing (the report's balance check)
@@ -191,8 +193,6 @@ class BlockProx:
     """
 
     def __init__(self, model: SplitModel, hard):
-        from .regularizers import _size_classes
-
         entries = []
         for pos, layer in enumerate(model.split_layers()):
             w = layer.module.weight
@@ -231,8 +231,6 @@ class BlockProx:
             self.inverse = self.inverse.to(self.classes[0]["p"].device)
 
     def _energy(self, c) -> torch.Tensor:
-        from .regularizers import RegularizerPlan
-
         return RegularizerPlan.padded_energy([w.detach() for w in c["weights"]], c["dout"], c["din"], mean=False)
 
     @staticmethod
@@ -397,16 +395,10 @@ class Grouping:
 
     @staticmethod
     def _distributed() -> bool:
-        import torch.distributed as dist
-
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _classifier_groups(self) -> torch.Tensor:
         """The classifier's class groups, computed on rank 0 and sent to every worker."""
-        from .models.base import CLASSES
-
-        import torch.distributed as dist
-
         groups = self.model.assignments.groups(CLASSES)
         if not self._distributed():
             return classifier_class_groups(self.model.fc.weight, groups)
@@ -436,11 +428,6 @@ class Grouping:
     def _fix_hard(self, step: int) -> None:
         if self.prox is not None:
             return
-        import torch.distributed as dist
-
-        from .models.base import CLASSES
-        from .partition import derive_groups, random_groups, set_assignment_
-        from .tree import hard_assignment
 
         if self.schedule.derived and self.derived_at is None:
             if not self._distributed() or dist.get_rank() == 0:  # rank 0 derives; the broadcast below sends it
@@ -483,8 +470,6 @@ class Grouping:
         """Every learned set's smallest group as a share of its balanced size (1.0: balanced, 0: an
         empty group), from the argmax of the soft assignments as they are: no minimum-size move
         hides a collapse. Fixed at what the sparsify phase fixed once it has."""
-        from .tree import smallest_group_share
-
         if self.hard is not None:
             sizes = self.hard.group_sizes()
         else:
@@ -496,8 +481,6 @@ class Grouping:
         """Off-block energy per split layer under the current hard assignment (fixed while sparsifying).
         Before the sparsify phase fixes it, the argmax is taken quietly: this is a measurement, and
         the minimum-size moves it would need are not made (the sparsify phase and the cut log theirs)."""
-        from .tree import hard_assignment
-
         hard = self.hard if self.hard is not None else hard_assignment(self.model, *self.minimum, quiet=True)
         return off_block_energy(self.model, hard)
 
@@ -533,8 +516,6 @@ def init_class_assignment_(model: SplitModel, labels: torch.Tensor, margin: floa
     lean, not a decision; the objective still moves the classes. How far it moves them depends on
     the class matrix's learning rate (``class_assignment_lr_mult``): from the demo's baseline, x60
     let the W**2 co-clustering pull NMI from 0.67 back to 0.38 in 3 epochs, x6 kept 0.67."""
-    from .models.base import CLASSES
-
     logits = model.assignments.logit(CLASSES)
     if labels.numel() != logits.shape[1] or int(labels.max()) >= logits.shape[0]:
         raise ValueError(f"class labels for {labels.numel()} classes in {int(labels.max()) + 1} groups do not fit "

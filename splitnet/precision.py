@@ -23,6 +23,7 @@ benchmarks resolve the same way, on the device that computes.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,7 +83,6 @@ def cpu_bf16_support() -> Support:
         return Support(forced, f"{OVERRIDE_ENV}={int(forced)}")
     capability = torch.backends.cpu.get_cpu_capability()  # AVX2 / AVX512 / DEFAULT / SVE256 / ...
     isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-    import platform
 
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):

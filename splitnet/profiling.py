@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
+from torch.profiler import ProfilerActivity, profile
+
 # aten ops that only make a view or allocate: no kernel runs
 VIEW_OPS = frozenset({
     "aten::transpose", "aten::unsqueeze", "aten::expand", "aten::select", "aten::narrow", "aten::view",
@@ -26,8 +28,6 @@ def count_ops(fn: Callable[[], object], warmup: int = 1) -> dict:
 
     Returns {"top_level": n, "compute": n without views/allocations, "by_name": Counter of compute ops}.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     for _ in range(warmup):
         fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

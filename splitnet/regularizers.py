@@ -20,7 +20,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from .models.base import SplitModel
+
+from .models.base import CLASSES, SplitModel
 
 _EPS = 1e-12
 
@@ -329,8 +330,6 @@ def parameter_groups(model, lr: float, weight_decay: float, split_lr_mult: float
     assign_ids = {id(p) for p in model.assignments.parameters()} if isinstance(model, SplitModel) else set()
     class_ids = set()
     if class_assignment_lr_mult is not None and isinstance(model, SplitModel):
-        from .models.base import CLASSES
-
         class_ids = {id(model.assignments.logit(CLASSES))}
     decay, no_decay, split_decay, split_no_decay, assign, class_assign = [], [], [], [], [], []
     for name, param in model.named_parameters():

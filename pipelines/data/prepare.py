@@ -8,7 +8,10 @@ plan must match, so a resumed run can never mix two different shufflings).
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
+import io
 import json
 import os
 import time
@@ -16,10 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pipelines.config import ON_BAD_RECORD
 
-from .records import DEFAULT_MAX_PIXELS, BadRecord, BadRecordError, BadImage, open_image
+from .records import DEFAULT_MAX_PIXELS, BadImage, BadRecord, BadRecordError, open_image
 from .sources import (Item, list_source, read_item, read_parents, write_class_table, write_parquet_shard,
                       write_webdataset_shard)
 
@@ -32,10 +36,6 @@ class PrepareError(ValueError):
 
 def _check_header(data: bytes, max_pixels: int) -> None:
     """Cheap validation: the header must parse and be within the pixel limit (no full decode)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise BadImage("empty", "zero bytes")
     try:
@@ -124,9 +124,6 @@ def select_classes(src, wanted: list[str]) -> None:
     """Keep only the classes named in ``wanted`` (class names, or parent names standing for all
     their classes, e.g. CIFAR-100 superclasses), relabelled 0..K-1 in the source's class order.
     In place on ``src`` (a :class:`~pipelines.data.sources.Source`); an unknown name is an error."""
-    import dataclasses
-    import difflib
-
     parents = src.parents or [""] * len(src.classes)
     keep = set()
     for name in wanted:

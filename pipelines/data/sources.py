@@ -31,6 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from splitnet.wordnet import describe, is_wnid
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -123,7 +128,7 @@ def detect(root: str | os.PathLike) -> str:
         raise ValueError(f"{root}: not a folder")
     if (root / "train.npz").is_file():
         return "cifar100"
-    from .ilsvrc import is_kaggle, is_release
+    from .ilsvrc import is_kaggle, is_release  # ilsvrc reads sources' helpers: imported when needed
 
     if is_release(root):
         return "ilsvrc2012"
@@ -304,7 +309,6 @@ def read_item(item: Item, cifar_cache: dict | None = None) -> bytes:
     if item.ref not in cache:
         with np.load(item.ref, allow_pickle=False) as d:
             cache[item.ref] = d["x"]
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(cache[item.ref][item.offset]).save(buf, format="PNG", compress_level=1)
@@ -322,9 +326,6 @@ def image_extension(data: bytes) -> str:
 
 def write_parquet_shard(path: str, keys: list[str], images: list[bytes], labels: list[int], filesystem=None) -> int:
     """Write one Parquet shard (key, image, label); returns bytes written."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     table = pa.table({"key": pa.array(keys, pa.string()), "image": pa.array(images, pa.binary()),
                       "label": pa.array(labels, pa.int64())})
     # one row group per ~256 images keeps Ray Data's read blocks small enough to stream
@@ -397,8 +398,6 @@ def write_class_table(out: Path, classes: list[str], parents: list[str] | None =
     ``parents`` (one per class, "" = none): the source's own (CIFAR superclasses) or a user's
     table (:func:`read_parents`); for wnids it replaces WordNet's parents, the lemmas stay.
     """
-    from splitnet.wordnet import describe, is_wnid
-
     if classes and all(is_wnid(c) for c in classes):
         rows = [{"index": i, "name": r["wnid"], "lemma": r["lemma"], "parent": r["parent"], "parent_name": r["parent_lemma"]}
                 for i, r in enumerate(describe(classes))]

@@ -34,12 +34,18 @@ looks them up again in its own environment). Three ways to point at a non-AWS en
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Iterator
+from urllib.parse import urlsplit
 
 import numpy as np
+import pyarrow.fs as pafs
+import torch
 
 from .records import DecodeConfig, decode_batch, pad_crop_flip, to_float_tensor
 
@@ -53,14 +59,9 @@ def resolve(uri: str, filesystem=None):
     With ``filesystem`` given, only the path is taken from ``uri`` (``s3://bucket/prefix?...``
     -> ``bucket/prefix``; a plain path is used as it is).
     """
-    import os
-
-    import pyarrow.fs as pafs
-
     if filesystem is not None:
         if "://" not in uri:
             return filesystem, uri
-        from urllib.parse import urlsplit
 
         parts = urlsplit(uri)
         if parts.scheme == "file":
@@ -73,8 +74,6 @@ def resolve(uri: str, filesystem=None):
 
 def list_shards(uri: str, split: str = "train", filesystem=None) -> tuple[object, list[str], str]:
     """(filesystem, sorted shard paths, format) of ``split`` under ``uri``."""
-    import pyarrow.fs as pafs
-
     fs, root = resolve(uri, filesystem)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
@@ -189,8 +188,6 @@ class DecodeBatch:
         if self.threads == 1 or len(keys) < 4 * self.threads:
             return decode_batch(keys, images, labels, shards, self.cfg, self.rng)
         if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
         parts = np.array_split(np.arange(len(keys)), self.threads)
         seeds = self.rng.integers(0, 2**63, size=len(parts))  # one generator per chunk: no shared state
@@ -333,8 +330,6 @@ def torch_batches(source, batch_size: int, mean, std, device: str = "cpu", drop_
     decoded but not augmented: :func:`cached_decoded`); ``shuffle_buffer``: rows shuffled
     locally in a buffer of that many (Ray Data's ``local_shuffle_buffer_size``).
     """
-    import torch
-
     for batch in source.iter_torch_batches(batch_size=batch_size, drop_last=drop_last, prefetch_batches=prefetch_batches,
                                            dtypes={"image": None, "label": None}, local_shuffle_buffer_size=shuffle_buffer):
         images = batch["image"]
@@ -358,8 +353,6 @@ def cached_decoded(uri: str, *, split: str, subset: str, val_fraction: float, de
     (a new order every epoch) and the consumer's local shuffle buffer together mix the whole split:
     left as decoded, a block holds a whole shard.
     """
-    import dataclasses
-
     plain = dataclasses.replace(decode, train=False)  # resize only; augmentation happens per epoch in the workers
     ds = read_dataset(uri, split=split, subset=subset, val_fraction=val_fraction, decode=plain, seed=seed,
                       shuffle_files=False, tasks=True, **read_kwargs).materialize()

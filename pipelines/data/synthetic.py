@@ -41,6 +41,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from scipy.io import savemat
+
+from splitnet.wordnet import DEFAULT_PATH, load_nouns
+
+from .sources import write_class_table
 
 PHYSICAL_ENTITY = "n00001930"
 LAYOUTS = ("synset-tars", "webdataset", "ilsvrc2012", "ilsvrc2012-kaggle")
@@ -68,8 +74,6 @@ def lexicographer_files(path: str) -> tuple[dict[str, int], set[str]]:
 def choose_wnids(n: int, wordnet_path: str | None = None) -> list[str]:
     """``n`` real WordNet 3.0 noun wnids, deterministic: evenly spaced (by offset) over the
     non-instance hyponyms of physical_entity. Raises ValueError when ``n`` is more than there are."""
-    from splitnet.wordnet import DEFAULT_PATH, load_nouns
-
     path = wordnet_path or DEFAULT_PATH
     nouns = load_nouns(path)
     _, instances = lexicographer_files(path)
@@ -93,8 +97,6 @@ class Painter:
     """Class-dependent images: hue from the lexicographer file, stripes from the hypernym and the class."""
 
     def __init__(self, wnids: list[str], size: int, seed: int = 0, wordnet_path: str | None = None):
-        from splitnet.wordnet import DEFAULT_PATH, load_nouns
-
         path = wordnet_path or DEFAULT_PATH
         nouns = load_nouns(path)
         lex, _ = lexicographer_files(path)
@@ -122,8 +124,6 @@ class Painter:
         return np.clip(img, 0, 255).astype(np.uint8)
 
     def jpeg(self, label: int, index: int, quality: int = 85) -> bytes:
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(self.pixels(label, index)).save(buf, format="JPEG", quality=quality)
         return buf.getvalue()
@@ -165,7 +165,6 @@ def _ilsvrc2012(out: Path, wnids: list[str], painter: "Painter", per_class: int,
         (out / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
         (out / "LOC_synset_mapping.txt").write_text("".join(f"{w} {w}\n" for w in wnids))
         return len(wnids) * per_class + len(val_labels) + 2, nbytes
-    from scipy.io import savemat
 
     with tarfile.open(out / "ILSVRC2012_img_train.tar.tmp", "w") as outer:
         for label, wnid in enumerate(wnids):
@@ -226,8 +225,6 @@ def generate(out: str | os.PathLike, classes: int = 21841, per_class: int = 2, s
         files, nbytes = _ilsvrc2012(out, wnids, painter, per_class, val_per_class, kaggle=layout.endswith("kaggle"),
                                     seed=seed)
     else:
-        from .sources import write_class_table
-
         order = np.random.default_rng(seed).permutation(len(wnids) * per_class)
         chunks = np.array_split(order, -(-len(order) // shard_size))
         for s, chunk in enumerate(chunks):

@@ -29,17 +29,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from pipelines.checkpoints import load_state_file
 from pipelines.data.records import to_float_tensor
 from pipelines.serve.deploy import MAX_ONGOING_REQUESTS, SUBTREE_USER_CONFIG, TRUNK_USER_CONFIG, DeployOptions
 from pipelines.serve.inputs import Limits, RequestError, decode_images, parse_predict, resolve_classes
+from splitnet.artifacts import load_subtree, load_tree, load_trunk, read_manifest, subtree_inputs
+from splitnet.models import build_model
+from splitnet.precision import choose_precision
 from splitnet.tree import class_order
 
 log = logging.getLogger("ray.serve")
@@ -50,8 +57,6 @@ LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1
 # -- where the tree lives ------------------------------------------------------------------------
 def tree_location(location: str) -> str:
     """A run dir (holding ``tree/``) or a tree dir -> the tree dir, local path or URI."""
-    import pyarrow.fs as pafs
-
     if "://" in location:
         fs, root = pafs.FileSystem.from_uri(location)
         if fs.get_file_info(posixpath.join(root, "manifest.yaml")).type == pafs.FileType.File:
@@ -74,7 +79,6 @@ def fetch_tree(location: str, files: list[str]) -> str:
     ImageNet-22K's tree downloads its own weights, not the others')."""
     if "://" not in location:
         return location
-    import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(location)
     local = tempfile.mkdtemp(prefix="splitnet-tree-")
@@ -87,11 +91,7 @@ def fetch_tree(location: str, files: list[str]) -> str:
 def read_tree_manifest(tree: str) -> dict:
     """A tree's manifest, from a local directory or a URI (only ``manifest.yaml`` is read)."""
     if "://" not in tree:
-        from splitnet.artifacts import read_manifest
-
         return read_manifest(tree)
-    import yaml
-    import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(tree)
     with fs.open_input_stream(posixpath.join(root, "manifest.yaml")) as f:
@@ -131,8 +131,6 @@ def pick_device(device: str) -> torch.device:
 
 def _precision(device: torch.device, amp: str | None):
     """``amp`` resolved on this replica's device; a bf16 it only emulates is logged once."""
-    from splitnet.precision import choose_precision
-
     precision = choose_precision(amp or "none", device)
     if precision.warning():
         log.warning("%s", precision.warning())
@@ -196,8 +194,6 @@ class Subtree:
     def __init__(self, tree: str, index: int, device: str = DeployOptions.device, amp: str | None = DeployOptions.amp,
                  torch_threads: int = DeployOptions.torch_threads, cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
-
-        from splitnet.artifacts import load_subtree
 
         # pinned: subtree g computes on core cpu_cores[g mod n] alone, one thread (model parallelism
         # on one machine: the subtrees of a request run at the same time on different cores)
@@ -281,8 +277,6 @@ class _Model:
 
     def __init__(self, mode: str, local_tree: str, manifest: dict, device: torch.device, amp, dense_weights=None,
                  cores: list[int] | None = None):
-        from splitnet.artifacts import load_tree, load_trunk
-
         self.mode, self.device, self.cores = mode, device, cores
         self.precision = _precision(device, amp)
         if mode == "fanout":
@@ -290,10 +284,6 @@ class _Model:
         elif mode == "local":
             self.net = load_tree(local_tree, device, manifest)
         else:
-            from splitnet.models import build_model
-
-            from pipelines.checkpoints import load_state_file
-
             if not dense_weights:
                 raise ValueError("mode 'dense' needs dense_weights (a model.safetensors of the dense model)")
             net = build_model(manifest["arch"], int(manifest["num_classes"]), manifest["split"])
@@ -319,8 +309,6 @@ class TreeIngress:
                  torch_threads: int = DeployOptions.torch_threads, dense_weights: str | None = None,
                  cpu_cores: list[int] | None = None):
         from ray.serve.metrics import Counter, Histogram
-
-        from splitnet.artifacts import subtree_inputs
 
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
@@ -452,8 +440,6 @@ class TreeIngress:
     async def _discard(self, stream, size: int, declared: int | None) -> bool:
         """Read what is left of a refused body and drop it; False if it was too big or too slow
         to wait for (or the client left)."""
-        from starlette.requests import ClientDisconnect
-
         cap = self.limits.max_drain_bytes
         if declared is not None and declared > cap:
             return False

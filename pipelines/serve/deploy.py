@@ -16,7 +16,11 @@ JSON while no trunk replica is up) is loaded by Serve's HTTP proxy when Serve st
 """
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
+
+import yaml
 
 IMPORT_PATH = "pipelines.serve.app:build"
 # Ray Serve's HTTP proxy loads ASGI middlewares from the function this variable names when it
@@ -150,9 +154,6 @@ def proxy_controller_options() -> dict:
 def proxy_failover_active(url: str, timeout: float = 5) -> bool | None:
     """Whether the proxy in front of ``url`` (the app's base URL) runs pipelines.serve.proxy (its
     answers to the tree's routes carry the ``x-splitnet-proxy`` header); None if unreachable."""
-    import urllib.error
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=timeout) as r:
             return r.headers.get(PROXY_HEADER) is not None
@@ -163,8 +164,6 @@ def proxy_failover_active(url: str, timeout: float = 5) -> bool | None:
 
 
 def dump_config(config: dict, tree: str) -> str:
-    import yaml
-
     header = (f"# Ray Serve config for the SplitNet tree at {tree}\n"
               "# Deploy:  serve deploy serve.yaml   (on the cluster's head, or --address http://HEAD:8265)\n"
               "# Light:   num_replicas / autoscaling_config / user_config / max_ongoing_requests of one deployment:\n"

@@ -32,6 +32,8 @@ import json
 import logging
 import time
 
+from starlette.middleware import Middleware
+
 log = logging.getLogger("ray.serve")
 
 ROUTES = ("/predict", "/metadata", "/healthz")  # the app's routes, all safe to send twice
@@ -46,8 +48,6 @@ MARK = (b"x-splitnet-proxy", b"failover")  # on every answer it handled: tells t
 
 def middlewares() -> list:
     """The proxy callback: ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names this function."""
-    from starlette.middleware import Middleware
-
     return [Middleware(TrunkFailover)]
 
 

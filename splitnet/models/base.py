@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..assignment import Assignments, SplitConfig
-from .blocks import SplitBlock
+from .blocks import SplitBlock, slice_norm_
 
 CLASSES = "classes"
 
@@ -106,7 +106,6 @@ class SplitModel(nn.Module):
         """The layers between the last stage and pooling; sliced to ``index`` channels when given."""
         if self.head_norm is None:
             return []
-        from .blocks import slice_norm_
         norm = self.head_norm
         if index is not None:
             with torch.device(norm.weight.device):

@@ -214,11 +214,11 @@ def main():
     import ray
     from ray import serve
 
-    from pipelines.serve.app import _manifest, tree_location
+    from pipelines.serve.app import read_tree_manifest, tree_location
     from pipelines.serve.deploy import DeployOptions, deploy, proxy_failover_active, serve_config
 
     tree = tree_location(args.run_dir) if args.run_dir else make_tree(Path(tempfile.mkdtemp(prefix="serve-soak-")))
-    manifest = _manifest(tree)
+    manifest = read_tree_manifest(tree)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 2, 2), include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=_free_port(), log_to_driver=False, configure_logging=False)
     gcs = ray.get_runtime_context().gcs_address

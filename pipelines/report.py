@@ -54,15 +54,6 @@ def _semantic_ref(semantic: dict | None) -> dict | None:
     return ref if ref and "nmi" in ref else None
 
 
-def _above_random(semantic: dict | None) -> bool | None:
-    """NMI of the class groups more than 3 sd above random balanced groups' (purity says little
-    with few groups: 2 groups over 20 superclasses cannot be more than 10% pure)."""
-    ref = _semantic_ref(semantic)
-    if ref is None:
-        return None
-    return ref["nmi"] > ref["random_nmi_mean"] + NMI_SD * ref["random_nmi_std"]
-
-
 def _wordnet_categories(class_names: list[str]) -> list[str] | None:
     """WordNet lexicographer file per class when every class is a wnid and WordNet is installed."""
     if not class_names or not all(is_wnid(n) for n in class_names):

@@ -18,19 +18,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 import yaml
 
 from splitnet import cut
 from splitnet.accounting import model_cost
-from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD, load_cifar100
+from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD
 from splitnet.grouping import off_block_energy
 from splitnet.precision import OVERRIDE_ENV, choose_precision
 
@@ -38,9 +35,9 @@ from .checkpoints import load_grouped
 from .config import PipelineConfig, differences, from_dict, to_dict
 from .data.prepare import PrepareError, parents_line, prepare
 from .data.records import IMAGENET_MEAN, IMAGENET_STD, DecodeConfig
-from .data.sources import read_parents, source_splits
-from .data.stream import (IMAGE_COLUMNS, bad_record_log, cached_decoded, decoded_bytes, list_shards, read_dataset,
-                          resolve)
+from .data.sources import download_cifar, read_parents, source_splits
+from .data.stream import (bad_record_log, cached_decoded, class_table, count_records, decoded_bytes, has_split,
+                          read_dataset)
 from .progress import Printer, link_ray_logs, verbose
 from .report import write_report
 from .rundir import RunDir
@@ -192,53 +189,11 @@ def _check_source(cfg: PipelineConfig) -> None:
 
 # ---- prepare ------------------------------------------------------------------------------
 
-def _is_shards(uri: str) -> bool:
-    try:
-        list_shards(uri, "train")
-        return True
-    except (FileNotFoundError, OSError):
-        return False
-
-
-def _count_records(uri: str, split: str) -> int:
-    """Records in the shards of ``split``: from the ``<shard>.done.json`` that ``prepare`` leaves
-    next to each shard when they are all there (a few bytes per shard, also on ``s3://``), else
-    from Parquet footers or the image members of each WebDataset tar (reads whole tars)."""
-    fs, paths, fmt = list_shards(uri, split)
-    try:
-        total = 0
-        for p in paths:
-            with fs.open_input_stream(p + ".done.json") as f:
-                total += int(json.loads(f.read())["images"])
-        return total
-    except (FileNotFoundError, OSError, KeyError, ValueError):
-        pass
-    total = 0
-    for p in paths:
-        with fs.open_input_file(p) as f:
-            if fmt == "parquet":
-                total += pq.ParquetFile(f).metadata.num_rows
-            else:
-                with tarfile.open(fileobj=f, mode="r|") as tf:
-                    keys = {m.name.rsplit(".", 1)[0] for m in tf if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_COLUMNS}
-                total += len(keys)
-    return total
-
-
 def _class_table(uri: str) -> list[dict]:
-    fs, root = resolve(uri)
-    for name in ("classes.json", "classes.tsv"):
-        try:
-            with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
-                text = f.read().decode()
-        except (FileNotFoundError, OSError):
-            continue
-        if name.endswith(".json"):
-            return json.loads(text)
-        lines = text.strip().splitlines()
-        header = lines[0].split("\t")
-        return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
-    raise PipelineError(f"{uri}: no classes.json or classes.tsv next to the shards (splitnet prepare writes one)")
+    try:
+        return class_table(uri)
+    except FileNotFoundError as e:
+        raise PipelineError(str(e)) from None
 
 
 def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
@@ -249,9 +204,9 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
     t0 = time.perf_counter()
     source = d.source
     if "://" not in source and not os.path.exists(source):
-        _download_cifar(source, log)  # _check_source let this through: data.download is set
+        download_cifar(source, log)  # _check_source let this through: data.download is set
     summary, user_parents = None, None
-    if _is_shards(source):
+    if has_split(source):
         if d.classes:  # shards are read as they are: a class subset would be silently ignored
             raise PipelineError(f"data.classes: {source} holds prepared shards, read as they are; choose the classes "
                                 "when converting (splitnet prepare --classes ...), or set data.classes=[]")
@@ -293,12 +248,12 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
     table = _class_table(shards)
     names = [str(r["name"]) for r in table]
     parents = user_parents if user_parents is not None else [str(r.get("parent", "")) for r in table]
-    if d.eval_split and not _has_split(shards, d.eval_split):
-        held_out = [s for s in ("val", "test") if _has_split(shards, s)]
+    if d.eval_split and not has_split(shards, d.eval_split):
+        held_out = [s for s in ("val", "test") if has_split(shards, s)]
         hint = f"set data.eval_split to {' or '.join(held_out)}, or" if held_out else "set"
         raise PipelineError(f"data.eval_split: no {d.eval_split}-* shards in {shards}; {hint} data.eval_split='' and "
                             "data.val_fraction to hold out part of train")
-    records = _count_records(shards, "train")
+    records = count_records(shards, "train")
     if not d.eval_split:
         records = int(records * (1 - d.val_fraction))
     # CIFAR-100's channel statistics for CIFAR-100 (or a class subset of it) at 32 px, ImageNet's otherwise
@@ -311,25 +266,6 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
     _mark(rd, state, "prepare", {"data": info.__dict__, "prepare": summary}, time.perf_counter() - t0)
     log(f"data: {records} training records, {len(names)} classes, shards at {shards}")
     return info
-
-
-def _has_split(uri: str, split: str) -> bool:
-    try:
-        list_shards(uri, split)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _download_cifar(root: str, log) -> None:
-    """torchvision's downloader (online users), then the .npz layout the rest reads."""
-    os.makedirs(root, exist_ok=True)
-    for split in ("train", "test"):
-        data = load_cifar100(root, split, download=True)
-        coarse_names = data.coarse_names or [f"superclass-{i}" for i in range(int(data.coarse_labels.max()) + 1)]
-        np.savez(os.path.join(root, f"{split}.npz"), x=data.images, fine=data.labels, coarse=data.coarse_labels,
-                 fine_names=np.array(data.class_names, dtype=str), coarse_names=np.array(coarse_names, dtype=str))
-    log(f"data: downloaded CIFAR-100 into {root}")
 
 
 # ---- datasets for the trainers ------------------------------------------------------------
@@ -360,7 +296,7 @@ class DecodedCache:
         d = self.cfg.data
         if not d.cache or d.image_size > 64:
             return False
-        records = self.info.train_records + (_count_records(self.info.shards, self.info.eval_split)
+        records = self.info.train_records + (count_records(self.info.shards, self.info.eval_split)
                                              if self.info.eval_split != "train" else 0)
         need = decoded_bytes(records, d.image_size)
         store = ray.cluster_resources().get("object_store_memory", 0)

@@ -80,66 +80,12 @@ def stage_phases(cfg: PipelineConfig, stage: str, steps_per_epoch: dict[str, int
     return out
 
 
-# ---- models of each stage -----------------------------------------------------------------
+# ---- the stages' recipes ------------------------------------------------------------------
 
-def build_stage_model(cfg: PipelineConfig, stage: str, rd: RunDir, num_classes: int):
-    """The model a stage trains or starts from (before any checkpoint is restored)."""
-    m = cfg.model
-    if stage == "baseline":
-        model = build_model(m.arch, num_classes, "1")
-        if m.pretrained:
-            model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
-        return model
-    if stage == "group":
-        model = build_model(m.arch, num_classes, m.split, split_dropout=m.split_dropout)
-        init, skipped = cfg.group.init, []
-        if init == "baseline":
-            load_dense_output(model, rd, "baseline")
-        elif init == "pretrained":
-            skipped = model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
-        derived = cfg.group.method == "staged" and cfg.group.assign in ("derived", "random")  # at the warm-up's end
-        if not derived and cfg.group.assign_init == "classifier" and init != "scratch":  # scratch: at the warm-up's end
-            if any(key.startswith("fc.") for key in skipped):
-                raise ValueError("group.assign_init: classifier, but the pretrained weights have another number of "
-                                 "classes (their classifier was not loaded); use assign_init: random")
-            labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
-            init_class_assignment_(model, labels, cfg.group.assign_init_margin)
-            model.class_start = labels.tolist()  # recorded in the stage's result: the report reads, not recomputes
-        if cfg.group.freeze_split_bn_scale:
-            freeze_split_bn_scale(model)
-        return model
-    if stage == "control":  # dense, from where the grouping started
-        model = build_model(m.arch, num_classes, "1")
-        if cfg.group.init == "baseline":
-            load_dense_output(model, rd, "baseline")
-        elif cfg.group.init == "pretrained":
-            model.load_backbone_state_dict(load_state_file(_fetch(rd, m.pretrained)))
-        return model
-    if stage == "finetune":
-        with rd.local_copy("cut") as d:
-            tree = load_tree(d).train()
-        if cfg.finetune.fuse:
-            return FusedTree(tree)
-        return tree
-    raise ValueError(f"no model for stage {stage!r}")
-
-
-def build_teacher(cfg: PipelineConfig, rd: RunDir, num_classes: int):
-    """The finetune stage's distillation teacher (``finetune.distill``): the grouped dense model the tree
-    was cut from, or the dense baseline; None for ``none``."""
-    which = cfg.finetune.distill
-    if which == "none":
-        return None
-    if which == "grouped":
-        return load_grouped(cfg.model.arch, cfg.model.split, num_classes, rd)
-    return load_dense_output(build_model(cfg.model.arch, num_classes, "1"), rd, "baseline")
-
-
-def _fetch(rd: RunDir, uri: str) -> str:
+def _fetch(uri: str) -> str:
     """A local path for ``uri`` (downloaded to a temp file when it is a URI)."""
     if "://" not in uri:
         return uri
-
     fs, path = pafs.FileSystem.from_uri(uri)
     tmp = Path(tempfile.mkdtemp(prefix="splitnet-")) / Path(path).name
     with fs.open_input_stream(path) as src:
@@ -147,18 +93,176 @@ def _fetch(rd: RunDir, uri: str) -> str:
     return str(tmp)
 
 
-def _optimizer(cfg: PipelineConfig, stage: str, model) -> torch.optim.Optimizer:
-    st = cfg.group if stage == "control" else getattr(cfg, stage)  # the control starts on group's settings
-    if stage == "group":
-        groups = parameter_groups(model, st.lr, st.weight_decay, split_lr_mult=st.split_lr_mult,
-                                  assignment_lr_mult=st.assignment_lr_mult,
-                                  class_assignment_lr_mult=st.class_assignment_lr_mult or None)
-    elif stage == "finetune":
-        groups = parameter_groups(model, st.lr, st.weight_decay, split_lr_mult=st.split_lr_mult)
-    else:
-        groups = parameter_groups(model, st.lr, st.weight_decay)
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=st.lr, momentum=st.momentum, nesterov=st.momentum > 0)
+class Recipe:
+    """What one training stage adds to the loop every stage shares (:func:`train_loop`), as torchtune's
+    recipes do: ``model`` and ``param_groups`` (before a checkpoint is restored), ``setup`` (after it:
+    what the stage trains with besides the optimizer), ``after_step`` / ``after_epoch`` (its state for
+    the checkpoint, its numbers in the epoch's row) and ``cleanup`` (its output in the run dir). The
+    dense stages write their backbone (loadable as torchvision weights)."""
+
+    name = ""
+    settings = ""  # the config section of its optimizer settings (default: its own)
+    grouping: Grouping | None = None
+    distill: Distiller | None = None
+
+    def __init__(self, cfg: PipelineConfig, rd: RunDir, num_classes: int):
+        self.cfg, self.rd, self.num_classes = cfg, rd, num_classes
+        self.st = getattr(cfg, self.settings or self.name)
+
+    def dense(self, start: str):
+        """The dense model from ``start``: the baseline's output, the pretrained weights, or scratch."""
+        model = build_model(self.cfg.model.arch, self.num_classes, "1")
+        if start == "baseline":
+            load_dense_output(model, self.rd, "baseline")
+        elif start == "pretrained":
+            model.load_backbone_state_dict(load_state_file(_fetch(self.cfg.model.pretrained)))
+        return model
+
+    def param_groups(self, model) -> list[dict]:
+        return parameter_groups(model, self.st.lr, self.st.weight_decay)
+
+    def setup(self, model, progress: dict, total_steps: int, device, amp, say) -> None:
+        pass
+
+    def after_step(self, progress: dict) -> None:
+        pass
+
+    def after_epoch(self, model, row: dict, progress: dict) -> list[str]:
+        """The stage's numbers added to ``row``; returns what rank 0 should say about them."""
+        return []
+
+    def cleanup(self, model, progress: dict) -> None:
+        with self.rd.staging(self.name) as d:
+            save_state(model.backbone_state_dict(), d / "model.safetensors")
+            _write_result(d, progress)
+
+
+class Baseline(Recipe):
+    name = "baseline"
+
+    def model(self):
+        return self.dense("pretrained" if self.cfg.model.pretrained else "scratch")
+
+
+class Control(Recipe):
+    """The dense model of the tree's budget: from where the grouping started, on the tree's schedule
+    (:func:`stage_phases`), starting on the grouping's optimizer settings."""
+
+    name, settings = "control", "group"
+
+    def model(self):
+        return self.dense(self.cfg.group.init)
+
+
+class Group(Recipe):
+    """The split-aware model learns its groups (:class:`~splitnet.grouping.Grouping`); its output keeps
+    the assignments."""
+
+    name = "group"
+
+    def model(self):
+        m, g = self.cfg.model, self.cfg.group
+        model = build_model(m.arch, self.num_classes, m.split, split_dropout=m.split_dropout)
+        skipped = []
+        if g.init == "baseline":
+            load_dense_output(model, self.rd, "baseline")
+        elif g.init == "pretrained":
+            skipped = model.load_backbone_state_dict(load_state_file(_fetch(m.pretrained)))
+        derived = g.method == "staged" and g.assign in ("derived", "random")  # at the warm-up's end
+        if not derived and g.assign_init == "classifier" and g.init != "scratch":  # scratch: at the warm-up's end
+            if any(key.startswith("fc.") for key in skipped):
+                raise ValueError("group.assign_init: classifier, but the pretrained weights have another number of "
+                                 "classes (their classifier was not loaded); use assign_init: random")
+            labels = classifier_class_groups(model.fc.weight, model.assignments.groups(CLASSES))
+            init_class_assignment_(model, labels, g.assign_init_margin)
+            self.class_start = labels.tolist()  # recorded in the stage's result: the report reads, not recomputes
+        if g.freeze_split_bn_scale:
+            freeze_split_bn_scale(model)
+        return model
+
+    def param_groups(self, model):
+        g = self.st
+        return parameter_groups(model, g.lr, g.weight_decay, split_lr_mult=g.split_lr_mult,
+                                assignment_lr_mult=g.assignment_lr_mult,
+                                class_assignment_lr_mult=g.class_assignment_lr_mult or None)
+
+    def setup(self, model, progress, total_steps, device, amp, say):
+        g, cut = self.cfg.group, self.cfg.cut
+        if getattr(self, "class_start", None) is not None:
+            progress.setdefault("class_start", self.class_start)
+        self.grouping = Grouping(model, g.regularizer_weights(), g.grouping_schedule(self.cfg.seed), total_steps,
+                                 min_classes_per_group=cut.min_classes_per_group,
+                                 min_channels_per_group=cut.min_channels_per_group,
+                                 classifier_init_margin=(g.assign_init_margin if g.assign_init == "classifier"
+                                                         and g.init == "scratch" else None))
+        # resumed past the groups' start: the checkpoint holds where they started (and the derived thresholds)
+        self.grouping.load_state({"class_start": progress.get("class_start"), **(progress.get("grouping") or {})})
+
+    def after_step(self, progress):
+        progress["grouping"] = self.grouping.state()  # where the classes started, the derived thresholds
+        if self.grouping.class_start is not None:
+            progress["class_start"] = self.grouping.class_start
+
+    def after_epoch(self, model, row, progress):
+        grouping = self.grouping
+        energy, shares = grouping.off_block_energy(), grouping.group_shares()
+        row.update(phase=grouping.phase(max(progress["global_step"] - 1, 0)), off_block_energy=energy,
+                   off_block=max(energy.values(), default=0.0), group_shares=shares)
+        if shares and row["phase"] != "warmup":  # in the warm-up the assignments are init noise: nothing to say
+            row["smallest_group_set"], row["smallest_group"] = min(shares.items(), key=lambda kv: kv[1])
+        warned = progress.setdefault("collapse_warned", [])
+        collapsed = {k: v for k, v in collapsing(shares, phase=row["phase"]).items() if k not in warned}
+        warned += sorted(collapsed)  # seen while grouping, said once per set: not first discovered by the cut
+        return [collapse_warning(self.name, row["epoch"], collapsed, row["phase"])] if collapsed else []
+
+    def cleanup(self, model, progress):
+        with self.rd.staging(self.name) as d:
+            save_state(model, d / "model.safetensors")
+            _write_result(d, progress)
+
+
+class Finetune(Recipe):
+    """The cut tree (fused per level when ``finetune.fuse``), optionally distilled from a dense teacher;
+    its output is the tree to serve."""
+
+    name = "finetune"
+
+    def model(self):
+        with self.rd.local_copy("cut") as d:
+            tree = load_tree(d).train()
+        return FusedTree(tree) if self.cfg.finetune.fuse else tree
+
+    def param_groups(self, model):
+        return parameter_groups(model, self.st.lr, self.st.weight_decay, split_lr_mult=self.st.split_lr_mult)
+
+    def teacher(self):
+        """``finetune.distill``'s teacher: the grouped dense model the tree was cut from, or the baseline."""
+        if self.st.distill == "grouped":
+            return load_grouped(self.cfg.model.arch, self.cfg.model.split, self.num_classes, self.rd)
+        return self.dense("baseline") if self.st.distill == "baseline" else None
+
+    def setup(self, model, progress, total_steps, device, amp, say):
+        teacher = self.teacher()
+        if teacher is None:
+            return
+        teacher.to(device)
+        if self.cfg.scaling.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        self.distill = Distiller(teacher, self.st.distill_temperature, self.st.distill_weight, amp_dtype=amp)
+        say(f"[{self.name}] distilling from the {self.st.distill} model: T {self.distill.temperature:g}, "
+            f"weight {self.distill.weight:g}")
+
+    def cleanup(self, model, progress):
+        if hasattr(model, "write_back"):  # fused for training: the tree is what is saved and served
+            model = model.write_back()
+        with self.rd.local_copy("cut") as cut_dir:
+            manifest = read_manifest(cut_dir)
+        with self.rd.staging("tree") as d:  # the dense model's counts carried over from the cut
+            model.eval().cpu().save(d, input_size=manifest["input_size"], dense_cost=manifest["counts"].get("dense"))
+            _write_result(d, progress)
+
+
+RECIPES = {r.name: r for r in (Baseline, Group, Finetune, Control)}
 
 
 # ---- distributed helpers ------------------------------------------------------------------
@@ -272,8 +376,10 @@ def train_loop(config: dict) -> None:
     if rank == 0 and precision.line() != announced:  # the header could not speak for the workers' nodes
         say(f"[{stage}] workers' {precision.line()}")
     torch.manual_seed(cfg.seed)
-    model = build_stage_model(cfg, stage, rd, config["num_classes"])
-    opt = _optimizer(cfg, stage, model)
+    recipe = RECIPES[stage](cfg, rd, config["num_classes"])
+    model = recipe.model()
+    groups = [g for g in recipe.param_groups(model) if g["params"]]
+    opt = torch.optim.SGD(groups, lr=recipe.st.lr, momentum=recipe.st.momentum, nesterov=recipe.st.momentum > 0)
     progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -286,8 +392,6 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             say(f"[{stage}] resuming from the checkpoint at epoch {progress['epoch']} step {progress['step_in_epoch']} "
                 f"(global step {progress['global_step']})")
-    if getattr(model, "class_start", None) is not None:
-        progress.setdefault("class_start", model.class_start)
     progress.setdefault("resumed", [])
     if checkpoint is not None:
         progress["resumed"].append({"epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]})
@@ -296,33 +400,17 @@ def train_loop(config: dict) -> None:
     model.to(device)
     if cfg.scaling.channels_last:
         model.to(memory_format=torch.channels_last)
-    grouping = None
-    if stage == "group":
-        g = cfg.group
-        grouping = Grouping(model, g.regularizer_weights(), g.grouping_schedule(cfg.seed),
-                            total_steps=epochs * steps_per_epoch, min_classes_per_group=cfg.cut.min_classes_per_group,
-                            min_channels_per_group=cfg.cut.min_channels_per_group,
-                            classifier_init_margin=(g.assign_init_margin if g.assign_init == "classifier"
-                                                    and g.init == "scratch" else None))
-        # resumed past the groups' start: the checkpoint holds where they started (and the derived thresholds)
-        grouping.load_state({"class_start": progress.get("class_start"), **(progress.get("grouping") or {})})
+    recipe.setup(model, progress, epochs * steps_per_epoch, device, amp, say if rank == 0 else (lambda line: None))
+    grouping = recipe.grouping
     ddp = _ddp(model) if world > 1 else model
     if cfg.scaling.compile:  # the training forward only; evaluation and the regularizers stay eager
         ddp = CompiledForward(ddp, warn=(lambda m: say(f"[{stage}] {m}")) if rank == 0 else (lambda m: None))
-    distill = None
-    teacher = build_teacher(cfg, rd, config["num_classes"]) if stage == "finetune" else None
-    if teacher is not None:
-        teacher.to(device)
-        if cfg.scaling.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        distill = Distiller(teacher, cfg.finetune.distill_temperature, cfg.finetune.distill_weight, amp_dtype=amp)
-        if rank == 0:
-            say(f"[{stage}] distilling from the {cfg.finetune.distill} model: T {distill.temperature:g}, "
-                f"weight {distill.weight:g}")
-
     mean, std = config["mean"], config["std"]
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+
+    steps_shown = (_step_progress(config, stage, epochs, steps_per_epoch, st.batch_size // world * world)
+                   if rank == 0 else None)
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         if not with_checkpoint:
@@ -339,22 +427,18 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     def after_step(i: int) -> None:
-        if grouping is not None:
-            progress["grouping"] = grouping.state()  # where the classes started, the derived thresholds
-            if grouping.class_start is not None:
-                progress["class_start"] = grouping.class_start
+        recipe.after_step(progress)
         progress["global_step"] += 1
         progress["step_in_epoch"] += 1
         progress["schedule"] = schedule.state_dict()
         if steps_shown is not None:
             steps_shown.step(progress["step_in_epoch"])
-        every = plan[progress["epoch"]][0].checkpoint_every_steps
+        st_e, limit = plan[progress["epoch"]]
+        every = st_e.checkpoint_every_steps
         if every and progress["step_in_epoch"] % every == 0 and progress["step_in_epoch"] < limit:
             report({"stage": stage, "epoch": progress["epoch"], "step_in_epoch": progress["step_in_epoch"]}, True)
 
     stage_start, first_epoch = time.perf_counter(), progress["epoch"]
-    steps_shown = (_step_progress(config, stage, epochs, steps_per_epoch, st.batch_size // world * world)
-                   if rank == 0 else None)
     while progress["epoch"] < epochs:
         epoch = progress["epoch"]
         st_e, limit = plan[epoch]
@@ -373,7 +457,7 @@ def train_loop(config: dict) -> None:
         stats = train_one_epoch(ddp, batches, opt, grouping=grouping, split_model=model, device=device,
                                 max_steps=remaining, amp_dtype=amp, channels_last=cfg.scaling.channels_last,
                                 global_step=progress["global_step"], scheduler=schedule, after_step=after_step,
-                                distill=distill)
+                                distill=recipe.distill)
         if grouping is not None and grouping.prox is None:  # frozen once sparsifying: the cut must find the same argmax
             _sync_assignments(model)
         stats = _merge_train_stats(stats, time.perf_counter() - start)
@@ -386,55 +470,23 @@ def train_loop(config: dict) -> None:
         progress["step_in_epoch"] = 0
         row = {"stage": stage, "epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_top5": val["top5"],
                "lr": opt.param_groups[0]["lr"]}
-        collapsed = {}
-        if grouping is not None:
-            energy = grouping.off_block_energy()
-            shares = grouping.group_shares()
-            row.update(phase=grouping.phase(max(progress["global_step"] - 1, 0)), off_block_energy=energy,
-                       off_block=max(energy.values(), default=0.0), group_shares=shares)
-            if shares and row["phase"] != "warmup":  # in the warm-up the assignments are init noise: nothing to say
-                row["smallest_group_set"], row["smallest_group"] = min(shares.items(), key=lambda kv: kv[1])
-            collapsed = {k: v for k, v in collapsing(shares, phase=row["phase"]).items()
-                         if k not in progress.setdefault("collapse_warned", [])}
+        said = recipe.after_epoch(model, row, progress)
         progress["history"].append(row)
         elapsed = time.perf_counter() - stage_start
         done_epochs = progress["epoch"] - first_epoch
         eta = elapsed / done_epochs * (epochs - progress["epoch"]) if done_epochs else None
         if rank == 0:
-            say(format_epoch(stage, epoch + 1, epochs, row, val, eta_s=eta))
-            if collapsed:  # seen while grouping, said once per set: not first discovered by the cut
-                say(collapse_warning(stage, epoch + 1, collapsed, row["phase"]))
-        if collapsed:
-            progress["collapse_warned"] += sorted(collapsed)
+            for line in [format_epoch(stage, epoch + 1, epochs, row, val, eta_s=eta)] + said:
+                say(line)
         report(row, True)
 
     if steps_shown is not None:
         steps_shown.close()
     progress["workers"] = _workers()
     if rank == 0:
-        _write_stage_output(cfg, stage, rd, model, progress)
+        recipe.cleanup(model, progress)
     # every rank reports the same number of times: a last, checkpoint-less report
     ray.train.report({"stage": stage, "done": True})
-
-
-def _write_stage_output(cfg: PipelineConfig, stage: str, rd: RunDir, model, progress: dict) -> None:
-    if stage in ("baseline", "group", "control"):
-        with rd.staging(stage) as d:
-            # the dense models are backbones (loadable as torchvision weights); group keeps its assignments
-            save_state(model if stage == "group" else model.backbone_state_dict(), d / "model.safetensors")
-            _write_result(d, progress)
-        return
-    # finetune: the tree to serve, with the dense model's counts carried over from the cut
-
-    if hasattr(model, "write_back"):  # fused for training: the tree is what is saved and served
-        model = model.write_back()
-    model.eval()
-    with rd.local_copy("cut") as cut_dir:
-        manifest = read_manifest(cut_dir)
-    dense = manifest["counts"].get("dense")
-    with rd.staging("tree") as d:
-        model.cpu().save(d, input_size=manifest["input_size"], dense_cost=dense)
-        _write_result(d, progress)
 
 
 def _write_result(directory: Path, progress: dict) -> None:

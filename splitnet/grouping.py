@@ -240,12 +240,6 @@ class BlockProx:
         return torch.bmm(c["q"], off_energy), torch.bmm(off_energy, c["p"].transpose(1, 2))
 
     @torch.no_grad()
-    def layer_terms(self) -> torch.Tensor:
-        """S_l of every layer under the hard assignment (off-block segment norms, normalized): [L]."""
-        if not self.classes:
-            return torch.zeros(0)
-        return torch.cat(list(self._class_terms([self._energy(c) for c in self.classes])))[self.inverse]
-
     @torch.no_grad()
     def step(self, lr: float, coefficient: float, strength: float = 1.0) -> None:
         """Shrink every off-block segment by ``lr * coefficient * strength * w_l * c_segment``.

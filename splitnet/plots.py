@@ -77,27 +77,11 @@ def _draw_blocks(ax, w2: np.ndarray, in_groups: torch.Tensor, out_groups: torch.
     return im
 
 
-def plot_block_diagonal(weight: torch.Tensor, in_groups: torch.Tensor, out_groups: torch.Tensor,
-                        path: str | os.PathLike, title: str = "W^2 reordered by group") -> str:
-    """One split layer's weight energy (conv: summed over taps), rows = outputs and columns =
-    inputs sorted by group, on a log scale (six decades): the diagonal blocks are what the cut
-    keeps, everything else it drops. The title gives the off-block share of the energy."""
-    plt = _plt()
-    w2, frac = _block_energy(weight, in_groups, out_groups)
-    fig, ax = plt.subplots(figsize=(6, min(8, 6 * w2.shape[0] / max(w2.shape[1], 1)) + 1.0))
-    im = _draw_blocks(ax, w2, in_groups, out_groups, f"{title}\noff-block energy {frac:.2%}")
-    ax.set_xlabel("input channel (by group)")
-    ax.set_ylabel("output (by group)")
-    fig.colorbar(im, ax=ax, fraction=0.04, label="log10 W^2")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
 def plot_split_layers(layers: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
                       path: str | os.PathLike, title: str = "split layers, W^2 by group (log scale)") -> str:
-    """Several split layers side by side, as :func:`plot_block_diagonal` draws one.
+    """Split layers side by side: each one's weight energy (conv: summed over taps), rows = outputs and
+    columns = inputs sorted by group, on a log scale (six decades): the diagonal blocks are what the
+    cut keeps, everything else it drops; each panel's title gives its off-block share of the energy.
 
     layers: (name, weight, input group ids [Din], output group ids [Dout]) per panel.
     """

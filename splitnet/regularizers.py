@@ -180,12 +180,10 @@ class RegularizerPlan:
 
     def __init__(self, model: SplitModel):
         a = model.assignments
-        self.layer_names = [layer.name for layer in model.split_layers()]
         # learned matrices by number of groups: column offsets into one concatenated matrix
         self.set_buckets: dict[int, list[str]] = {}
         for name in a.names():
             self.set_buckets.setdefault(a.groups(name), []).append(name)
-        self.num_sets = len(a.names())
         self.offsets: dict[str, tuple[int, int, int]] = {}   # name -> (fine groups, offset, size)
         self.bucket_consts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for g, names in self.set_buckets.items():

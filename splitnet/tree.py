@@ -270,10 +270,6 @@ class SplitTree(nn.Module):
         from .artifacts import save_tree
         return save_tree(self, directory, input_size=input_size, dense_cost=dense_cost)
 
-    @property
-    def num_subtrees(self) -> int:
-        return len(self.subtrees)
-
     def subtree_parameters(self) -> list[nn.Parameter]:
         """The weights above the trunk (what ``split_lr_mult`` scales when finetuning)."""
         return list(self.subtrees.parameters())

@@ -135,9 +135,9 @@ def test_user_parquet_hf_layout_every_bad_kind_and_jsonl(ray_cluster, tmp_path):
     assert bad["by_kind"] == {**{k: 1 for k in SKIPPED}, "missing_label": 2, "converted": 3}
     assert bad["skipped"] == 6 and bad["by_shard"]["train-00000.parquet"]["missing_label"] == 2
     import ray
-    path = tmp_path / "bad_records.jsonl"
-    assert ray.get(bad_record_log(log).write.remote(str(path))) == 9
-    keys = {json.loads(line)["key"] for line in path.read_text().splitlines()}
+    records = ray.get(bad_record_log(log).records_list.remote())
+    assert len(records) == 9
+    keys = {r["key"] for r in records}
     assert {"bad_empty", "bad_truncated", "missing_label", "label_out_of_range"} <= keys
 
 
@@ -274,17 +274,13 @@ def test_streaming_more_bytes_than_the_object_store(ray_cluster, tmp_path):
     assert spilled < capacity / 2**20, f"spilled {spilled:.0f} MiB of {decoded_bytes / 2**20:.0f} MiB streamed"
 
 
-def test_uri_paths_and_bad_record_summary_line(ray_cluster, tmp_path):
+def test_uri_paths_and_bad_record_counts(ray_cluster, tmp_path):
     """Shards addressed by URI go through pyarrow's filesystem layer (the s3:// code path)."""
-    from pipelines.data.stream import finish_bad_records
-
     make_user_parquet(tmp_path / "pq")
-    images, labels, _ = stream(f"file://{tmp_path / 'pq'}", "bad-uri",
-                               decode=DecodeConfig(image_size=32, num_classes=3, max_pixels=MAX_PIXELS))
+    images, labels, bad = stream(f"file://{tmp_path / 'pq'}", "bad-uri",
+                                 decode=DecodeConfig(image_size=32, num_classes=3, max_pixels=MAX_PIXELS))
     assert len(labels) == 14
-    line = finish_bad_records(str(tmp_path / "bad.jsonl"), "bad-uri")
-    assert line.startswith("bad records: 6 skipped, 3 converted") and "in 1 shards" in line
-    assert len((tmp_path / "bad.jsonl").read_text().splitlines()) == 9
+    assert (bad["skipped"], bad["converted"], len(bad["by_shard"])) == (6, 3, 1)
     with pytest.raises(FileNotFoundError, match="no train-"):
         read_dataset(str(tmp_path), log_name=None)
     with pytest.raises(ValueError, match="take all 2 CPUs"):

@@ -4,7 +4,7 @@ from splitnet import build_model, cut
 from splitnet.accounting import model_cost
 from splitnet.artifacts import read_manifest
 from splitnet.models import CLASSES
-from splitnet.plots import plot_assignment, plot_block_diagonal, plot_tree
+from splitnet.plots import plot_assignment, plot_split_layers, plot_tree
 
 from conftest import randomize
 
@@ -15,8 +15,8 @@ def test_pictures_are_real_pngs(tmp_path):
     tree.save(tmp_path / "tree", dense_cost=model_cost(model, 32))
     paths = [
         plot_assignment(model.assignments.probs(CLASSES), tmp_path / "a.png", names=[str(i) for i in range(10)]),
-        plot_block_diagonal(model.fc.weight, tree.hard.group_of(model.split_graph().features, 4), tree.class_to_group,
-                            tmp_path / "b.png"),
+        plot_split_layers([("fc", model.fc.weight, tree.hard.group_of(model.split_graph().features, 4),
+                            tree.class_to_group)], tmp_path / "b.png"),
         plot_tree(read_manifest(tmp_path / "tree"), tmp_path / "t.png"),
     ]
     for p in paths:

@@ -356,8 +356,7 @@ def test_download_fallback_writes_the_npz_layout(tmp_path, monkeypatch):
     import numpy as np
     import torchvision.datasets
 
-    from pipelines.data.sources import list_source
-    from pipelines.run import _download_cifar
+    from pipelines.data.sources import download_cifar, list_source
 
     class FakeCIFAR100:
         def __init__(self, root, train, download):
@@ -369,7 +368,7 @@ def test_download_fallback_writes_the_npz_layout(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", FakeCIFAR100)
     lines = []
-    _download_cifar(str(tmp_path / "cifar"), lines.append)
+    download_cifar(str(tmp_path / "cifar"), lines.append)
     src = list_source(tmp_path / "cifar")
     assert src.kind == "cifar100" and len(src.items["train"]) == 30 and len(src.items["test"]) == 10
     assert src.classes[:2] == ["class0", "class1"] and src.parents[0].startswith("superclass-")
@@ -384,13 +383,13 @@ def test_record_count_from_prepare_markers_or_the_shards(ray_cluster, tmp_path, 
     from datagen import MAX_PIXELS, make_imagefolder
 
     from pipelines.data.prepare import prepare
-    from pipelines.run import _count_records
+    from pipelines.data.stream import count_records
 
     make_imagefolder(tmp_path / "src", per_class=5, with_bad=True)
     out = tmp_path / "shards"
     summary = prepare(str(tmp_path / "src"), str(out), fmt=fmt, shard_size=4, max_pixels=MAX_PIXELS, log=lambda _: None)
-    from_markers = _count_records(str(out), "train")
+    from_markers = count_records(str(out), "train")
     assert from_markers == summary["images"] > 0
     for marker in out.glob("*.done.json"):
         marker.unlink()
-    assert _count_records(str(out), "train") == from_markers
+    assert count_records(str(out), "train") == from_markers

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from splitnet.datasets import load_cifar100
 from splitnet.wordnet import describe, is_wnid
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -413,3 +414,14 @@ def write_class_table(out: Path, classes: list[str], parents: list[str] | None =
             f.write(f"{r['index']}\t{r['name']}\t{r['lemma']}\t{r['parent']}\t{r['parent_name']}\n")
     (out / "classes.json").write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def download_cifar(root: str, log) -> None:
+    """torchvision's downloader (online users), then the .npz layout the rest reads."""
+    os.makedirs(root, exist_ok=True)
+    for split in ("train", "test"):
+        data = load_cifar100(root, split, download=True)
+        coarse_names = data.coarse_names or [f"superclass-{i}" for i in range(int(data.coarse_labels.max()) + 1)]
+        np.savez(os.path.join(root, f"{split}.npz"), x=data.images, fine=data.labels, coarse=data.coarse_labels,
+                 fine_names=np.array(data.class_names, dtype=str), coarse_names=np.array(coarse_names, dtype=str))
+    log(f"data: downloaded CIFAR-100 into {root}")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -45,6 +46,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 
 from .records import DecodeConfig, decode_batch, pad_crop_flip, to_float_tensor
@@ -89,6 +91,57 @@ def list_shards(uri: str, split: str = "train", filesystem=None) -> tuple[object
     raise FileNotFoundError(f"{uri}: no {split}-*.parquet or {split}-*.tar shards")
 
 
+def has_split(uri: str, split: str = "train") -> bool:
+    """Whether ``uri`` holds prepared shards of ``split``."""
+    try:
+        list_shards(uri, split)
+        return True
+    except OSError:
+        return False
+
+
+def count_records(uri: str, split: str) -> int:
+    """Records in the shards of ``split``: from the ``<shard>.done.json`` that ``prepare`` leaves
+    next to each shard when they are all there (a few bytes per shard, also on ``s3://``), else
+    from Parquet footers or the image members of each WebDataset tar (reads whole tars)."""
+    fs, paths, fmt = list_shards(uri, split)
+    try:
+        total = 0
+        for p in paths:
+            with fs.open_input_stream(p + ".done.json") as f:
+                total += int(json.loads(f.read())["images"])
+        return total
+    except (FileNotFoundError, OSError, KeyError, ValueError):
+        pass
+    total = 0
+    for p in paths:
+        with fs.open_input_file(p) as f:
+            if fmt == "parquet":
+                total += pq.ParquetFile(f).metadata.num_rows
+            else:
+                with tarfile.open(fileobj=f, mode="r|") as tf:
+                    keys = {m.name.rsplit(".", 1)[0] for m in tf if m.isfile() and m.name.rsplit(".", 1)[-1].lower() in IMAGE_COLUMNS}
+                total += len(keys)
+    return total
+
+
+def class_table(uri: str) -> list[dict]:
+    """The class table ``prepare`` writes next to the shards (classes.json, or classes.tsv)."""
+    fs, root = resolve(uri)
+    for name in ("classes.json", "classes.tsv"):
+        try:
+            with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
+                text = f.read().decode()
+        except (FileNotFoundError, OSError):
+            continue
+        if name.endswith(".json"):
+            return json.loads(text)
+        lines = text.strip().splitlines()
+        header = lines[0].split("\t")
+        return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    raise FileNotFoundError(f"{uri}: no classes.json or classes.tsv next to the shards (splitnet prepare writes one)")
+
+
 def in_validation(key: str, fraction: float) -> bool:
     """Deterministic validation membership from the key alone (CRC32, stable across processes)."""
     return (zlib.crc32(key.encode()) % 100_000) < fraction * 100_000
@@ -118,12 +171,6 @@ class BadRecordLog:
     def records_list(self) -> list[dict]:
         return list(self.records)
 
-    def write(self, path: str) -> int:
-        with open(path, "w") as f:
-            for r in self.records:
-                f.write(json.dumps(r) + "\n")
-        return len(self.records)
-
 
 _LOG_HANDLES: dict[str, object] = {}
 
@@ -137,18 +184,6 @@ def bad_record_log(name: str = BAD_LOG_NAME):
     # a named, non-detached actor lives as long as its creating handle: keep the first one
     _LOG_HANDLES.setdefault(name, handle)
     return handle
-
-
-def finish_bad_records(path: str, log_name: str = BAD_LOG_NAME) -> str:
-    """Write the collected bad records to ``path`` (JSONL) and return a one-line summary."""
-    import ray
-
-    log = bad_record_log(log_name)
-    ray.get(log.write.remote(path))
-    s = ray.get(log.summary.remote())
-    kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items())) or "none"
-    return (f"bad records: {s['skipped']} skipped, {s['converted']} converted ({kinds}) "
-            f"in {len(s['by_shard'])} shards -> {path}")
 
 
 class DecodeBatch:

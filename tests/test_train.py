@@ -1,5 +1,8 @@
+import re
+
 import pytest
 import torch
+from conftest import ROOT
 
 from splitnet import build_model
 from splitnet.regularizers import RegularizerWeights, parameter_groups, regularizer_terms
@@ -137,3 +140,15 @@ def test_evaluate_models_scores_each_model_as_evaluate_does_in_one_pass():
     assert both == {"a": evaluate(a, batches), "b": evaluate(b, batches)}
     assert a.training and not b.training
     assert evaluate_models({"a": a}, batches, max_batches=1)["a"]["images"] == 4
+
+
+def test_the_library_snippet_in_the_docs_runs_as_written(tmp_path, monkeypatch):
+    """docs/library.md's ten lines, unchanged, on a few random batches: a notebook user's first try."""
+    code = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "library.md").read_text(), re.S).group(1)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))) for _ in range(2)]
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(code, {"epochs": 2, "steps_per_epoch": 2, "loader": batches, "val_loader": batches[:1],
+                "print": printed.append})
+    assert [set(p) for p in printed[:2]] == [{"top1", "top5", "loss", "images"}] * 2
+    assert (tmp_path / "runs" / "x" / "tree" / "manifest.yaml").is_file()

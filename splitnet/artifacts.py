@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from .accounting import default_input_size, reduction, tree_cost
 from .models import build_model
-from .tree import HardAssignment, build_tree
+from .models.base import CLASSES
+from .tree import HardAssignment, SplitTree, build_tree, sibling_copy
 
 FORMAT = "splitnet-tree/1"
 MANIFEST = "manifest.yaml"
@@ -51,11 +53,14 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_tree(tree, directory: str | os.PathLike, input_size: int | None = None, dense_cost: dict | None = None) -> Path:
+def save_tree(tree, directory: str | os.PathLike, input_size: int | None = None, dense_cost: dict | None = None,
+              reuse: dict[str, tuple[Path, dict]] | None = None) -> Path:
     """Write ``tree`` to ``directory`` (created if needed); returns the manifest path.
 
     ``dense_cost`` (from :func:`splitnet.accounting.model_cost`) adds the dense model's counts
-    and the reduction to the manifest.
+    and the reduction to the manifest. ``reuse``: weight file name -> (the file, its manifest entry)
+    for parts written before (a grown tree's trunk and old subtrees): copied byte for byte and checked
+    against the SHA-256 they were saved with, never re-serialized.
     """
 
     directory = Path(directory)
@@ -66,7 +71,14 @@ def save_tree(tree, directory: str | os.PathLike, input_size: int | None = None,
     def write(name: str, module: torch.nn.Module, meta: dict) -> dict:
         path = directory / name
         tmp = directory / (name + ".tmp")
-        save_file(_state(module), str(tmp), metadata={"format": FORMAT, **{k: str(v) for k, v in meta.items()}})
+        if name in (reuse or {}):
+            source, entry = reuse[name]
+            shutil.copyfile(source, tmp)
+            if sha256_file(tmp) != entry["sha256"]:
+                tmp.unlink()
+                raise ArtifactError(f"{source}: SHA-256 differs from its manifest's; not copied (the file was modified)")
+        else:
+            save_file(_state(module), str(tmp), metadata={"format": FORMAT, **{k: str(v) for k, v in meta.items()}})
         os.replace(tmp, path)  # never leave a half-written file under the real name
         return {"file": name, "sha256": sha256_file(path), "file_bytes": path.stat().st_size}
 
@@ -79,7 +91,7 @@ def save_tree(tree, directory: str | os.PathLike, input_size: int | None = None,
                          "classes": sub.classes.tolist()})
     class_to_group = tree.class_to_group.tolist()
     groups = [{"group": k, "subtree": tree.group_to_subtree[k],
-               "classes": [c for c, gg in enumerate(class_to_group) if gg == k]} for k in range(tree.split.num_groups)]
+               "classes": [c for c, gg in enumerate(class_to_group) if gg == k]} for k in range(len(tree.group_to_subtree))]
     graph_layers = getattr(tree, "set_layers", {})
     channel_sets = tree.hard.to_dict()
     for name, entry in channel_sets.items():
@@ -106,6 +118,9 @@ def save_tree(tree, directory: str | os.PathLike, input_size: int | None = None,
         "moves": tree.moves,
         "info": info,
     }
+    if tree.grown:  # the subtrees splitnet.grow added: rebuilt from their sibling's shape (see _skeleton)
+        manifest.update(base_classes=tree.hard.sizes[CLASSES], grown=tree.grown)
+    manifest.update(tree.lineage)  # parent, added_classes
     tmp = directory / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         yaml.dump(manifest, f, Dumper=_Dumper, default_flow_style=None, sort_keys=False, width=120)
@@ -146,8 +161,9 @@ def _read_weights(directory: Path, entry: dict) -> dict[str, torch.Tensor]:
 
 
 def _meta_model(manifest: dict):
+    """The dense model the tree was cut from (its classes only, ``base_classes`` in a grown tree)."""
     with torch.device("meta"):  # the structure only: no memory
-        return build_model(manifest["arch"], int(manifest["num_classes"]), manifest["split"])
+        return build_model(manifest["arch"], int(manifest.get("base_classes", manifest["num_classes"])), manifest["split"])
 
 
 def hard_assignment(manifest: dict, model=None):
@@ -163,6 +179,15 @@ def _skeleton(manifest: dict):
     info = dict(manifest.get("info") or {})
     info["class_names"] = manifest["class_names"]
     tree = build_tree(model, hard_assignment(manifest, model), info)
+    grown = manifest.get("grown") or []
+    if grown:  # each added subtree is shaped as the sibling it was copied from
+        subtrees = list(tree.subtrees)
+        for entry in grown:
+            subtrees.append(sibling_copy(subtrees[int(entry["like"])], [torch.tensor(c) for c in entry["leaf_classes"]]))
+        tree = SplitTree(tree.trunk, subtrees, arch=tree.arch, split=tree.split, num_classes=int(manifest["num_classes"]),
+                         hard=tree.hard, class_to_group=torch.tensor(manifest["class_to_group"]), info=info,
+                         group_to_subtree=[int(g["subtree"]) for g in manifest["groups"]], grown=grown,
+                         lineage={k: manifest[k] for k in ("parent", "added_classes") if k in manifest})
     if len(tree.subtrees) != len(manifest["subtrees"]):
         raise ArtifactError(f"manifest lists {len(manifest['subtrees'])} subtrees, its split {manifest['split']} gives {len(tree.subtrees)}")
     return tree

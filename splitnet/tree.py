@@ -239,17 +239,54 @@ class SubtreeNode(nn.Module):
         return self.fc(self.head(x))
 
 
+def leaves(node: SubtreeNode) -> list[SubtreeNode]:
+    """The nodes under ``node`` that end in a classifier, in logit order."""
+    return [node] if node.branches is None else [leaf for b in node.branches for leaf in leaves(b)]
+
+
+def sibling_copy(sibling: SubtreeNode, leaf_classes: list[torch.Tensor], fresh: bool = False) -> SubtreeNode:
+    """A new subtree shaped as ``sibling`` (its blocks, branches and the trunk channels it reads) whose
+    leaves answer ``leaf_classes`` (one id tensor per leaf, in logit order): every leaf gets a new
+    classifier; the rest starts as the sibling's weights, or re-initialised (``fresh``: BatchNorm
+    statistics reset too). Works on ``meta`` (a grown tree's skeleton)."""
+    node = copy.deepcopy(sibling)
+    ends = leaves(node)
+    if len(leaf_classes) != len(ends):
+        raise ValueError(f"the sibling has {len(ends)} leaves, {len(leaf_classes)} class lists given")
+    for leaf, classes in zip(ends, leaf_classes):
+        old = leaf.fc
+        with torch.device(old.weight.device):
+            leaf.fc = nn.Linear(old.in_features, len(classes), bias=old.bias is not None)
+        leaf.classes = torch.as_tensor(classes, dtype=torch.long, device=leaf.classes.device)
+    if fresh:
+        for m in node.modules():
+            if m is not node and hasattr(m, "reset_parameters") and not isinstance(m, nn.Linear):
+                m.reset_parameters()  # BatchNorm: also its running statistics
+    _refresh_classes(node)
+    return node
+
+
+def _refresh_classes(node: SubtreeNode) -> None:
+    if node.branches is not None:
+        for b in node.branches:
+            _refresh_classes(b)
+        node.classes = torch.cat([b.classes for b in node.branches])
+
+
 class SplitTree(nn.Module):
     """Shared trunk + G subtrees; ``forward`` returns logits [B, num_classes] in the original order.
 
     Attributes users read: ``subtrees[g].classes`` (class ids subtree g answers, in the order of
     its logits), ``class_to_group`` (leaf group of every class), ``group_to_subtree``, ``split``,
-    ``arch``, ``num_classes``, ``hard`` (the :class:`HardAssignment`), ``info`` (free metadata
-    saved in the manifest: class names, input normalization, ...).
+    ``arch``, ``num_classes``, ``hard`` (the :class:`HardAssignment` of the cut: the dense model's
+    classes only), ``info`` (free metadata saved in the manifest: class names, input normalization,
+    ...), ``grown`` / ``lineage`` (the subtrees :mod:`splitnet.grow` added and where the tree came from).
     """
 
     def __init__(self, trunk: Trunk, subtrees: list[SubtreeNode], *, arch: str, split: SplitConfig, num_classes: int,
-                 hard: HardAssignment, class_to_group: torch.Tensor, info: dict | None = None):
+                 hard: HardAssignment, class_to_group: torch.Tensor, info: dict | None = None,
+                 group_to_subtree: list[int] | None = None, grown: list[dict] | None = None,
+                 lineage: dict | None = None):
         super().__init__()
         self.trunk = trunk
         self.subtrees = nn.ModuleList(subtrees)
@@ -260,8 +297,12 @@ class SplitTree(nn.Module):
         self.arch, self.split, self.num_classes = arch, split, num_classes
         self.hard = hard
         self.class_to_group = class_to_group
-        groups_per_subtree = split.num_groups // len(subtrees)
-        self.group_to_subtree = [g // groups_per_subtree for g in range(split.num_groups)]
+        if group_to_subtree is None:  # as cut: the split's groups, evenly over its subtrees
+            groups_per_subtree = split.num_groups // len(subtrees)
+            group_to_subtree = [g // groups_per_subtree for g in range(split.num_groups)]
+        self.group_to_subtree = list(group_to_subtree)
+        # a grown tree (splitnet.grow): the subtrees added after the cut, and the tree it was grown from
+        self.grown, self.lineage = list(grown or []), dict(lineage or {})
         self.info = dict(info or {})
         self.moves = list(hard.moves)
 

@@ -152,20 +152,34 @@ def dense_route(b: Bench, k: float) -> dict:
         return r
     a = b.args
     t0 = time.perf_counter()
-    torch.manual_seed(a.seed)
-    model = build_model(_arch(k), b.classes, "1").to(memory_format=torch.channels_last)
-    base_path = b.work / f"{name}-baseline.safetensors"
-    if not base_path.exists():
-        hist = b.epochs(f"{name}-baseline", model, a.base_epochs, seed=a.seed)
-        save_state(model.backbone_state_dict(), base_path)
-        (b.work / f"{name}-baseline-result.json").write_text(json.dumps({"top1": b.score(model), "history": hist}))
-    baseline = json.loads((b.work / f"{name}-baseline-result.json").read_text())
-    model.load_backbone_state_dict(load_file(str(base_path)), skip_fc_mismatch=False)
+    model, baseline = dense_baseline(b, k)
     hist = b.epochs(f"{name}-rest", model, a.epochs - a.base_epochs, seed=a.seed + 1)
     cost = model_cost(model, 32)
     return b.finish(name, {"route": name, "family": "dense", "k": k, "split": "1", "top1": b.score(model),
                            "baseline_top1": baseline["top1"], "weights": cost["weights"], "flops": cost["flops"],
                            "history": baseline["history"] + hist, "seconds": time.perf_counter() - t0})
+
+
+def dense_baseline(b: Bench, k: float):
+    """dense-k's first B epochs (one cosine), trained once and kept: where its trees branch off.
+    Returns the model and its result (top-1, history)."""
+    name = f"dense-k{k:g}"
+    torch.manual_seed(b.args.seed)
+    model = build_model(_arch(k), b.classes, "1").to(memory_format=torch.channels_last)
+    base_path = b.work / f"{name}-baseline.safetensors"
+    if not base_path.exists():
+        hist = b.epochs(f"{name}-baseline", model, b.args.base_epochs, seed=b.args.seed)
+        save_state(model.backbone_state_dict(), base_path)
+        (b.work / f"{name}-baseline-result.json").write_text(json.dumps({"top1": b.score(model), "history": hist}))
+    model.load_backbone_state_dict(load_file(str(base_path)), skip_fc_mismatch=False)
+    return model, json.loads((b.work / f"{name}-baseline-result.json").read_text())
+
+
+def finetuned_tree(b: Bench, name: str):
+    """The tree route ``name`` finished with: its cut tree with the finetune's last weights."""
+    tree = load_tree(b.work / name / "cut")
+    tree.load_state_dict(load_file(str(b.work / name / "finetune" / "model.safetensors")))
+    return tree.eval()
 
 
 def group_route(b: Bench, k: float, split: str, assign: str) -> dict:
@@ -178,6 +192,7 @@ def group_route(b: Bench, k: float, split: str, assign: str) -> dict:
     t0 = time.perf_counter()
     cut_dir = b.work / name / "cut"
     if not (cut_dir / "manifest.yaml").exists():
+        dense_baseline(b, k)
         torch.manual_seed(a.seed)
         model = build_model(_arch(k), b.classes, split).to(memory_format=torch.channels_last)
         model.load_backbone_state_dict(load_file(str(b.work / f"dense-k{k:g}-baseline.safetensors")), skip_fc_mismatch=False)

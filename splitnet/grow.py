@@ -99,12 +99,16 @@ class GrowingTree(nn.Module):
     def __init__(self, tree: SplitTree):
         super().__init__()
         self.tree = tree
-        self.new = tree.subtrees[-1]
         self.old = list(tree.subtrees)[:-1]
         self._old_position = torch.argsort(torch.cat([s.classes for s in self.old]))
         for p in list(tree.trunk.parameters()) + [p for s in self.old for p in s.parameters()]:
             p.requires_grad_(False)
         self.train()
+
+    @property
+    def new(self) -> nn.Module:
+        """The subtree being trained (not registered twice: the state dict is the tree's)."""
+        return self.tree.subtrees[-1]
 
     def train(self, mode: bool = True):
         super().train(mode)

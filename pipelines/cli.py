@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.config import ON_BAD_RECORD, ConfigError, load_config, to_dict
-from pipelines.serve.deploy import (DeployError, DeployOptions, deploy, dump_config, parse_replicas,
+from pipelines.serve.deploy import (DeployError, DeployOptions, deploy, dump_config, grow_deploy, parse_replicas,
                                      proxy_failover_active, serve_config)
 
 
@@ -110,19 +110,41 @@ def cmd_run(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    from pipelines.run import run
 
+    return _pipeline(cfg.run_dir, cfg.name, args.verbose, lambda log, logs: run(cfg, log=log, logs_dir=logs))
+
+
+def cmd_grow(args) -> int:
+    from pipelines.grow import grow_config, grow_run
+    from pipelines.rundir import RunDir
+    from pipelines.run import PipelineError
+
+    out = args.out or args.run_dir.rstrip("/") + "-grown"
+    overrides = list(args.overrides) + ([f"grow.replay={args.replay}"] if args.replay is not None else []) \
+        + ([f"grow.init={args.init}"] if args.init else [])
+    try:  # the parent and the settings, before anything is written (the new run dir's logs included)
+        grow_config(RunDir(args.run_dir), args.source, out, overrides)
+    except PipelineError as e:
+        raise UsageError(str(e)) from None
+    return _pipeline(out, Path(out).name, args.verbose,
+                     lambda log, logs: grow_run(args.run_dir, args.source, out, overrides, log=log))
+
+
+def _pipeline(run_dir: str, name: str, verbose_flag: bool, job) -> int:
+    """``job(log, logs_dir)`` with Ray's own output in RUN_DIR/logs (or ./splitnet-logs/NAME for a run
+    dir on s3://) and the CLI's exits: 2 and one line for bad input, 1 for a failed stage."""
     from pipelines.progress import QuietRun, TerminalLog, verbose
-    from pipelines.run import PipelineError, StageFailed, run
+    from pipelines.run import PipelineError, StageFailed
 
     os.environ.setdefault("MPLBACKEND", "Agg")
-    if args.verbose:
+    if verbose_flag:
         os.environ["SPLITNET_VERBOSE"] = "1"
-    # Ray's own output goes to RUN_DIR/logs (or ./splitnet-logs/NAME for a run dir on s3://)
-    logs = Path(cfg.run_dir) / "logs" if "://" not in cfg.run_dir else Path("splitnet-logs") / cfg.name
+    logs = Path(run_dir) / "logs" if "://" not in run_dir else Path("splitnet-logs") / name
     quiet = None if verbose() else QuietRun(logs.absolute())
     out, err = (quiet.user_out, quiet.user_err) if quiet else (sys.stdout, sys.stderr)
     try:
-        run(cfg, log=TerminalLog(out), logs_dir=None if verbose() else str(logs))
+        job(TerminalLog(out), None if verbose() else str(logs))
     except PipelineError as e:
         print(f"splitnet: error: {e}", file=err)
         return 2
@@ -169,6 +191,25 @@ def cmd_serve_config(args) -> int:
     except DeployError as e:
         raise UsageError(str(e)) from None
     print(dump_config(config, args.tree), end="")
+    return 0
+
+
+def cmd_serve_grow(args) -> int:
+    """The running app (``--name`` on ``--address``) takes the grown tree's new subtrees, live."""
+    import ray
+
+    try:
+        config = serve_config(args.tree, _deploy_options(args))
+    except DeployError as e:
+        raise UsageError(str(e)) from None
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
+             configure_logging=False)
+    try:
+        added = grow_deploy(config)
+    except DeployError as e:
+        raise UsageError(str(e)) from None
+    print(f"{added['app']}: now {added['classes']} classes; new subtree app(s) {', '.join(added['subtrees'])}; "
+          f"{added['replicas_switched']} trunk replica(s) switched, none restarted", flush=True)
     return 0
 
 
@@ -283,11 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray's own output on the terminal too (default: in RUN_DIR/logs; also SPLITNET_VERBOSE=1)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("grow", help="grow a finished run's tree by new classes: one more subtree, the rest frozen")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (its tree/ is grown; nothing in it is written)")
+    p.add_argument("source", metavar="NEW_SOURCE", help="the new classes' images, in any layout `splitnet prepare` reads")
+    p.add_argument("--replay", type=int, default=None, metavar="K",
+                   help="old-class images per class replayed from the run's shards (default: grow.replay, 20; 0 warns)")
+    p.add_argument("--init", choices=("sibling", "fresh"), default=None,
+                   help="the new subtree starts from its most similar sibling's weights (default) or fresh")
+    p.add_argument("--out", default=None, metavar="NEW_RUN_DIR", help="the grown run's dir (default RUN_DIR-grown)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="over the run's config, e.g. grow.epochs=3")
+    p.add_argument("--verbose", action="store_true", help="Ray's own output on the terminal too")
+    p.set_defaults(func=cmd_grow)
+
     p = sub.add_parser("serve", help="deploy the tree on Ray Serve: a trunk deployment + one per subtree, over HTTP")
     _add_deploy_arguments(p)
     p.add_argument("--address", default=None,
                    help="Ray cluster to deploy on (default $RAY_ADDRESS; none: start a local Ray and serve until Ctrl-C)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-grow", help="add a grown tree's new subtrees to its parent's running app, live (no restart)")
+    _add_deploy_arguments(p)
+    p.add_argument("--address", default=None, help="the Ray cluster the app runs on (default $RAY_ADDRESS, else auto)")
+    p.set_defaults(func=cmd_serve_grow)
 
     p = sub.add_parser("serve-config", help="print the Serve config for `serve deploy` (same app as `splitnet serve`)")
     _add_deploy_arguments(p)
@@ -306,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     from splitnet.assignment import SplitConfigError
 
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+        if extra and (getattr(args, "command", None) not in ("run", "grow") or len(overrides) != len(extra)):
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}")
+        if overrides:  # key=value after the options (`splitnet grow RUN SRC --out X grow.epochs=3`)
+            args.overrides = list(args.overrides) + overrides
         if args.command == "plan":
             _validate_model_args(args)
         return args.func(args)

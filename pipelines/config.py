@@ -189,6 +189,18 @@ class ControlConfig:
 
 
 @dataclass
+class GrowStageConfig(StageConfig):
+    # splitnet grow RUN_DIR NEW_SOURCE (splitnet/grow.py): a new top-level subtree for the new classes,
+    # trained with the trunk and the old subtrees frozen, in one softmax with the old subtrees' logits
+    epochs: int = 5
+    # old-class images replayed per class from the run's shards, mixed with the new classes' images:
+    # what teaches the new subtree not to claim old images (0: none, and its probabilities are not
+    # calibrated against the old classes')
+    replay: int = 20
+    init: str = "sibling"          # sibling: start from the most similar subtree's weights | fresh
+
+
+@dataclass
 class EvaluateConfig:
     batch_size: int = 256
     max_batches: int = 0           # >0: evaluate on a prefix (rehearsals)
@@ -215,6 +227,7 @@ class PipelineConfig:
     control: ControlConfig = field(default_factory=ControlConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     failure: FailureSpec = field(default_factory=FailureSpec)
+    grow: GrowStageConfig = field(default_factory=GrowStageConfig)
 
 
 ON_BAD_RECORD = ("skip", "fail")  # data.on_bad_record, splitnet prepare --on-bad-record, the decoders
@@ -228,8 +241,10 @@ CHOICES = {
     "group.init": ("scratch", "baseline", "pretrained"),
     "group.method": ("staged", "reference"),
     "finetune.distill": ("none", "grouped", "baseline"),
+    "grow.init": ("sibling", "fresh"),
 }
-for _stage in ("baseline", "group", "finetune"):
+TRAINED = ("baseline", "group", "finetune", "grow")  # the sections with a StageConfig's settings
+for _stage in TRAINED:
     CHOICES[f"{_stage}.schedule"] = ("cosine", "step", "constant")
 
 
@@ -411,7 +426,7 @@ def validate(cfg: PipelineConfig) -> None:
     _positive("scaling.torch_threads", s.torch_threads, True)
     if s.backend == "nccl" and not s.use_gpu:
         raise ConfigError("scaling.backend: nccl needs scaling.use_gpu=true (gloo runs on CPU)")
-    for stage in ("baseline", "group", "finetune"):
+    for stage in TRAINED:
         st = getattr(cfg, stage)
         _positive(f"{stage}.epochs", st.epochs, allow_zero=not st.enabled)
         _positive(f"{stage}.lr", st.lr)
@@ -453,6 +468,7 @@ def validate(cfg: PipelineConfig) -> None:
         raise ConfigError("group.assign_init: classifier with group.init: scratch starts from the classifier the "
                           "warm-up trained; it needs group.method: staged with group.warmup > 0 (or group.init: "
                           "baseline / pretrained, or group.assign_init: random)")
+    _positive("grow.replay", cfg.grow.replay, allow_zero=True)
     f = cfg.finetune
     _positive("finetune.distill_temperature", f.distill_temperature)
     if not 0 <= f.distill_weight <= 1:

@@ -412,7 +412,11 @@ def progress_interval(log) -> float:
 
 
 def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, stage: str, log,
-                 precision: str | None = None, cache: DecodedCache | None = None) -> None:
+                 precision: str | None = None, cache: DecodedCache | None = None, datasets: dict | None = None,
+                 recipe: dict | None = None) -> None:
+    """One training stage on Ray Train (resumed from its checkpoints; skipped when done). ``datasets``:
+    the trainer's own (``splitnet grow``'s mix of new and replayed images), else the run's;
+    ``recipe``: what the stage's recipe needs besides the config (:class:`pipelines.stages.Recipe`)."""
     st = getattr(cfg, stage)
     if not st.enabled:
         log(f"[{stage}] disabled in the config")
@@ -433,11 +437,12 @@ def _train_stage(cfg: PipelineConfig, rd: RunDir, state: dict, info: DataInfo, s
     loop_config = {"cfg": to_dict(cfg), "stage": stage, "progress": getattr(log, "name", None), "precision": precision,
                    "progress_every_s": progress_interval(log),
                    "num_classes": info.num_classes, "steps_per_epoch": spe if isinstance(spe, dict) else {stage: spe},
-                   "mean": info.mean, "std": info.std}
-    datasets = _datasets(cfg, info, True, epoch_seed=STAGES.index(stage), cache=cache)
-    loop_config["augment_in_workers"] = bool(cache and cache.enabled)  # decoded once: pad/crop/flip per batch there
+                   "mean": info.mean, "std": info.std, "recipe": recipe}
+    if datasets is None:
+        datasets = _datasets(cfg, info, True, epoch_seed=STAGES.index(stage), cache=cache)
+        loop_config["augment_in_workers"] = bool(cache and cache.enabled)  # decoded once: pad/crop/flip per batch there
     _fit(_trainer(cfg, rd, stage, train_loop, loop_config, datasets), stage)
-    out = "tree" if stage == "finetune" else stage
+    out = "tree" if stage in ("finetune", "grow") else stage
     result = rd.read_json(f"{out}/result.json", {})
     history = result.get("history", [])
     last = history[-1] if history else {}

@@ -34,6 +34,7 @@ from splitnet.artifacts import load_tree, read_manifest
 from splitnet.distill import Distiller
 from splitnet.fused import FusedTree
 from splitnet.grouping import Grouping, classifier_class_groups, collapse_warning, collapsing, init_class_assignment_
+from splitnet.grow import GrowingTree, grow, save_grown
 from splitnet.models import CLASSES
 from splitnet.precision import choose_precision
 from splitnet.regularizers import freeze_split_bn_scale, parameter_groups
@@ -46,7 +47,7 @@ from .data.stream import torch_batches
 from .progress import StepProgress, say, say_status
 from .rundir import RunDir
 
-TRAIN_STAGES = ("baseline", "group", "finetune", "control")
+TRAIN_STAGES = ("baseline", "group", "finetune", "control", "grow")
 STAGE_SEEDS = {stage: i for i, stage in enumerate(TRAIN_STAGES)}
 
 
@@ -105,8 +106,8 @@ class Recipe:
     grouping: Grouping | None = None
     distill: Distiller | None = None
 
-    def __init__(self, cfg: PipelineConfig, rd: RunDir, num_classes: int):
-        self.cfg, self.rd, self.num_classes = cfg, rd, num_classes
+    def __init__(self, cfg: PipelineConfig, rd: RunDir, num_classes: int, extra: dict | None = None):
+        self.cfg, self.rd, self.num_classes, self.extra = cfg, rd, num_classes, dict(extra or {})
         self.st = getattr(cfg, self.settings or self.name)
 
     def dense(self, start: str):
@@ -262,7 +263,25 @@ class Finetune(Recipe):
             _write_result(d, progress)
 
 
-RECIPES = {r.name: r for r in (Baseline, Group, Finetune, Control)}
+class Grow(Recipe):
+    """``splitnet grow``: the parent run's tree with one more subtree for the new classes, trained alone
+    (:class:`~splitnet.grow.GrowingTree`); its output is the grown tree, the old weight files copied
+    from the parent byte for byte. ``extra``: the parent run dir, the new class names, the sibling."""
+
+    name = "grow"
+
+    def model(self):
+        with RunDir(self.extra["parent"]).local_copy("tree") as d:
+            tree = load_tree(d)
+        return GrowingTree(grow(tree, self.extra["classes"], int(self.extra["like"]), self.st.init))
+
+    def cleanup(self, model, progress):
+        with RunDir(self.extra["parent"]).local_copy("tree") as parent, self.rd.staging("tree") as d:
+            save_grown(model.tree.eval().cpu(), parent, d, parent_uri=RunDir(self.extra["parent"]).display("tree"))
+            _write_result(d, progress)
+
+
+RECIPES = {r.name: r for r in (Baseline, Group, Finetune, Control, Grow)}
 
 
 # ---- distributed helpers ------------------------------------------------------------------
@@ -376,7 +395,7 @@ def train_loop(config: dict) -> None:
     if rank == 0 and precision.line() != announced:  # the header could not speak for the workers' nodes
         say(f"[{stage}] workers' {precision.line()}")
     torch.manual_seed(cfg.seed)
-    recipe = RECIPES[stage](cfg, rd, config["num_classes"])
+    recipe = RECIPES[stage](cfg, rd, config["num_classes"], config.get("recipe"))
     model = recipe.model()
     groups = [g for g in recipe.param_groups(model) if g["params"]]
     opt = torch.optim.SGD(groups, lr=recipe.st.lr, momentum=recipe.st.momentum, nesterov=recipe.st.momentum > 0)

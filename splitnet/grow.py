@@ -124,15 +124,17 @@ class GrowingTree(nn.Module):
         return torch.cat([old, self.new(features)], dim=1)
 
 
-def save_grown(tree: SplitTree, parent: str | Path, directory: str | Path, input_size: int | None = None) -> Path:
+def save_grown(tree: SplitTree, parent: str | Path, directory: str | Path, input_size: int | None = None,
+               parent_uri: str | None = None) -> Path:
     """Write the grown ``tree`` to ``directory``: the trunk's and the old subtrees' files copied from the
     tree directory ``parent`` byte for byte (checked against the SHA-256 the parent's manifest holds),
-    the new subtree's file written, the manifest recording the parent and the added classes."""
+    the new subtree's file written, the manifest recording the parent (``parent_uri``, where it is read
+    from a local copy) and the added classes."""
     parent = Path(parent)
     manifest = read_manifest(parent)
     old = [manifest["trunk"]] + list(manifest["subtrees"])
     reuse = {entry["file"]: (parent / entry["file"], entry) for entry in old}
-    tree.lineage = {"parent": {"tree": str(parent.resolve()), "manifest_sha256": sha256_file(parent / MANIFEST)},
+    tree.lineage = {"parent": {"tree": parent_uri or str(parent.resolve()), "manifest_sha256": sha256_file(parent / MANIFEST)},
                     "added_classes": tree.lineage.get("added_classes", [])}
     return save_tree(tree, directory, input_size=input_size or manifest["input_size"],
                      dense_cost=manifest["counts"].get("dense"), reuse=reuse)

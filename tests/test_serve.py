@@ -730,3 +730,63 @@ def test_rayservice_manifest_embeds_what_serve_config_writes(tmp_path):
     gpu_groups = [g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
                   if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert gpu_groups, "the subtrees ask for GPUs: the RayService needs a GPU worker group"
+
+
+# -- growing a served tree -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def grown_run(run_dir, tmp_path_factory):
+    """The run's tree grown by two classes (splitnet.grow, new subtree shaped as subtree 1, random weights)."""
+    from splitnet.grow import grow, save_grown
+
+    run = tmp_path_factory.mktemp("grown-run")
+    torch.manual_seed(5)
+    grown = grow(load_tree(run_dir / "tree"), ["comet", "nebula"], like=1)
+    save_grown(grown, run_dir / "tree", run / "tree")
+    return run
+
+
+def test_a_running_app_takes_the_grown_subtree_without_restarting_a_replica(run_dir, grown_run, http_port, photos):
+    from ray import serve
+
+    from pipelines.serve.deploy import DeployError, grow_deploy
+
+    url = _deploy(run_dir, http_port, "live")
+    try:
+        before = replica_pids("live")
+        assert sorted(before) == ["subtree-0", "subtree-1", "trunk"]
+        _, meta = get(f"{url}/metadata")
+        assert meta["num_classes"] == len(NAMES) and meta["grown"] == {}
+        opts = DeployOptions(app_name="live", port=http_port, route_prefix="/live", trunk_cpus=0.1, subtree_cpus=0.1)
+        added = grow_deploy(serve_config(str(grown_run), opts))
+        assert added["subtrees"] == ["live-subtree-2"] and added["classes"] == len(NAMES) + 2
+        assert replica_pids("live") == before  # the trunk's and the old subtrees' replicas kept running
+        assert list(replica_pids("live-subtree-2")) == ["subtree-2"]
+        _, meta = get(f"{url}/metadata")  # every trunk replica acked the switch before grow_deploy returned
+        assert meta["num_classes"] == len(NAMES) + 2 and meta["grown"]["added_classes"] == ["comet", "nebula"]
+        assert [c["subtree"] for c in meta["classes"][-2:]] == ["subtree-2"] * 2
+        # the answers are the grown tree's, the new classes' logits from the new subtree's replica
+        status, answer, _ = post(f"{url}/predict?probabilities=true", photos[0])
+        assert status == 200
+        expected = offline_probs(load_tree(grown_run / "tree"), photos[:1])[0]
+        np.testing.assert_allclose(answer["predictions"][0]["probabilities"], expected, atol=1e-4)
+        status, answer, _ = post(f"{url}/predict?classes=nebula", photos[0])
+        assert status == 200 and answer["predictions"][0]["top_k"][0]["subtree"] == "subtree-2"
+        with pytest.raises(DeployError, match="has no subtree the served tree lacks"):
+            grow_deploy(serve_config(str(grown_run), opts))
+    finally:
+        serve.delete("live")
+        serve.delete("live-subtree-2")
+
+
+def test_a_grown_tree_serves_as_any_tree(grown_run, http_port, photos):
+    from ray import serve
+
+    url = _deploy(grown_run, http_port, "grown")
+    try:
+        assert sorted(replica_pids("grown")) == ["subtree-0", "subtree-1", "subtree-2", "trunk"]
+        status, answer, _ = post(f"{url}/predict?probabilities=true", photos[1])
+        assert status == 200
+        np.testing.assert_allclose(answer["predictions"][0]["probabilities"],
+                                   offline_probs(load_tree(grown_run / "tree"), photos[1:2])[0], atol=1e-4)
+    finally:
+        serve.delete("grown")

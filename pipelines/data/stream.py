@@ -142,6 +142,49 @@ def class_table(uri: str) -> list[dict]:
     raise FileNotFoundError(f"{uri}: no classes.json or classes.tsv next to the shards (splitnet prepare writes one)")
 
 
+def _key_hash(key) -> int:
+    return zlib.crc32(str(key).encode())
+
+
+def _in_sample(key, label, thresholds: dict) -> bool:
+    try:
+        limit = thresholds.get(int(label))
+    except (TypeError, ValueError):
+        return False  # no usable label: not in a per-class sample (the full pass reports it)
+    return limit is not None and _key_hash(key) <= limit
+
+
+def replay_thresholds(uri: str, per_class: int, split: str = "train", subset: str = "train",
+                      val_fraction: float = 0.0) -> dict[int, int]:
+    """For a sample of ``per_class`` records of every class of ``split`` (``subset`` of it): per label,
+    the largest key hash in the sample, the ``per_class`` smallest hashes of the class. One pass over
+    the keys and labels only (Parquet: two columns; WebDataset: the tar headers and ``.cls`` members);
+    the sample is then read with ``read_dataset(..., sample=...)``, deterministic and the same every epoch."""
+    fs, paths, fmt = list_shards(uri, split)
+    hashes: dict[int, list[int]] = {}
+    for path in paths:
+        for key, label in _keys_and_labels(fs, path, fmt):
+            if label is None or (val_fraction > 0 and in_validation(str(key), val_fraction) != (subset == "val")):
+                continue
+            hashes.setdefault(int(label), []).append(_key_hash(key))
+    return {label: sorted(h)[:per_class][-1] for label, h in hashes.items() if per_class > 0}
+
+
+def _keys_and_labels(fs, path: str, fmt: str):
+    with fs.open_input_file(path) as f:
+        if fmt == "parquet":
+            table = pq.read_table(f, columns=["key", "label"])
+            yield from zip(table.column("key").to_pylist(), table.column("label").to_pylist())
+            return
+        labels: dict[str, int | None] = {}
+        with tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:
+                key, _, ext = m.name.rpartition(".")
+                if m.isfile() and ext == "cls":
+                    labels[key] = _parse_cls(tf.extractfile(m).read())
+        yield from labels.items()
+
+
 def in_validation(key: str, fraction: float) -> bool:
     """Deterministic validation membership from the key alone (CRC32, stable across processes)."""
     return (zlib.crc32(key.encode()) % 100_000) < fraction * 100_000
@@ -190,8 +233,14 @@ class DecodeBatch:
     """``map_batches`` callable: records -> {"image": uint8 [N,S,S,3], "label": int64 [N]}."""
 
     def __init__(self, cfg: dict, seed: int = 0, subset: str = "train", val_fraction: float = 0.0,
-                 log_name: str | None = BAD_LOG_NAME, threads: int = 1):
+                 log_name: str | None = BAD_LOG_NAME, threads: int = 1, sample: dict | None = None,
+                 label_offset: int = 0):
         self.cfg = DecodeConfig(**cfg)
+        # sample: {label: key hash threshold} keeps the records of those labels whose key hashes at or
+        # below it, before any decoding (a grown tree's replay sample, replay_thresholds); label_offset
+        # is added to every label decoded (a grown tree's new classes come after the old ones)
+        self.sample = {int(k): int(v) for k, v in sample.items()} if sample is not None else None
+        self.label_offset = int(label_offset)
         # Pillow releases the GIL while it decodes and resizes: threads let one actor use more
         # than one core (224 px JPEGs, 2 threads: 1.5-1.9x the images/s of one).
         self.threads = max(1, int(threads))
@@ -215,9 +264,12 @@ class DecodeBatch:
         if self.val_fraction > 0:
             keep = np.array([in_validation(str(k), self.val_fraction) == (self.subset == "val") for k in keys], bool)
             keys, images, labels, shards = keys[keep], images[keep], labels[keep], shards[keep]
+        if self.sample is not None:
+            keep = np.array([_in_sample(k, lab, self.sample) for k, lab in zip(keys, labels)], bool)
+            keys, images, labels, shards = keys[keep], images[keep], labels[keep], shards[keep]
         pixels, out_labels, bad = self._decode(keys, images, labels, shards)
         self._report([b.as_dict() for b in bad])
-        return {"image": pixels, "label": out_labels}
+        return {"image": pixels, "label": out_labels + self.label_offset}
 
     def _decode(self, keys, images, labels, shards):
         if self.threads == 1 or len(keys) < 4 * self.threads:
@@ -302,7 +354,7 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
                  decode: DecodeConfig | None = None, seed: int = 0, shuffle_files: bool = True,
                  batch_size: int = 256, concurrency: int | tuple[int, int] = 1, num_cpus: float = 1.0,
                  target_block_mb: float = 4, log_name: str | None = BAD_LOG_NAME, filesystem=None,
-                 threads: int = 2, tasks: bool = False):
+                 threads: int = 2, tasks: bool = False, sample: dict | None = None, label_offset: int = 0):
     """A Ray Dataset of decoded, augmented images from the shards of ``split`` under ``uri``.
 
     subset / val_fraction: "train" or "val" share of the split (deterministic by key hash).
@@ -317,6 +369,7 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
     tasks: decode in Ray tasks instead of actors (``concurrency`` of them at a time): for a single
     pass (:func:`cached_decoded`) tasks run in Ray's pooled worker processes, where an actor would
     first start a process of its own (~4 s of a ~6 s pass over a small split, on 2 cores).
+    sample / label_offset: see :class:`DecodeBatch` (a grown tree's replay sample and new classes).
     """
     import ray
 
@@ -337,7 +390,7 @@ def read_dataset(uri: str, *, split: str = "train", subset: str = "train", val_f
     else:
         ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, include_paths=False, shuffle=shuffle)
     decoder = {"cfg": asdict(decode), "seed": seed, "subset": subset, "val_fraction": val_fraction,
-               "log_name": log_name, "threads": threads}
+               "log_name": log_name, "threads": threads, "sample": sample, "label_offset": label_offset}
     if tasks:
         return ds.map_batches(_decode_task, fn_kwargs=decoder, batch_size=batch_size, batch_format="numpy",
                               num_cpus=num_cpus, concurrency=high)

@@ -25,6 +25,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -297,6 +298,82 @@ class _Model:
             return self.net(x.to(self.device, non_blocking=True)).float().cpu().numpy()
 
 
+class _Tables:
+    """What the ingress answers from, all read from one manifest: class names and groups, each
+    subtree's classes and trunk channels, the handles to call. Replaced whole, never edited, when the
+    tree grows (a request reads one snapshot from start to end)."""
+
+    def __init__(self, manifest: dict, handles: list, fanout: bool):
+        self.manifest, self.handles = manifest, handles
+        self.class_names = list(manifest["class_names"])
+        self.class_to_group = list(manifest["class_to_group"])
+        self.subtree_classes = [np.asarray(s["classes"], dtype=np.int64) for s in manifest["subtrees"]]
+        self.class_to_subtree = np.empty(len(self.class_names), dtype=np.int64)
+        for g, classes in enumerate(self.subtree_classes):
+            self.class_to_subtree[classes] = g
+        # each subtree is sent only the trunk channels it reads (half of them at a 2-way split):
+        # half the bytes serialized and moved per call (benchmarks/serve_latency.py)
+        self.subtree_inputs = ([None if ix is None else np.asarray(ix, dtype=np.int64) for ix in subtree_inputs(manifest)]
+                               if fanout else [])
+        self._orders: dict[tuple, tuple] = {}
+
+    def class_order(self, needed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The classes the ``needed`` subtrees cover, ascending, and their positions in the subtrees'
+        concatenated logits (:func:`splitnet.tree.class_order`), kept per set of subtrees."""
+        if needed not in self._orders:
+            classes, position = class_order([self.subtree_classes[g] for g in needed])
+            self._orders[needed] = classes.numpy(), position.numpy()
+        return self._orders[needed]
+
+
+class TreeRegistry:
+    """Which tree an app serves now, for its ingress replicas (one detached named actor per app,
+    ``splitnet-tree-<app>``): ``splitnet serve-grow`` publishes a grown tree and the Serve apps of its
+    new subtrees; every ingress replica waits on :meth:`wait`, switches, and acks. A replica that
+    starts later (a restart) reads :meth:`current` first, so it serves the grown tree too."""
+
+    def __init__(self):
+        self.gen, self.state, self.acks = 0, None, {}
+        self._changed = asyncio.Condition()
+
+    def current(self) -> tuple[int, dict | None]:
+        return self.gen, self.state
+
+    async def publish(self, state: dict) -> int:
+        async with self._changed:
+            self.gen += 1
+            self.state = state
+            self._changed.notify_all()
+        return self.gen
+
+    async def wait(self, gen: int, timeout_s: float = 30.0) -> tuple[int, dict | None]:
+        """The state once it is newer than ``gen`` (or as it is after ``timeout_s``)."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.gen > gen), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            return self.gen, self.state
+
+    def ack(self, replica: str, gen: int) -> None:
+        self.acks[replica] = gen
+
+    def acked(self, gen: int) -> list[str]:
+        return sorted(r for r, g in self.acks.items() if g >= gen)
+
+
+def registry_name(app: str) -> str:
+    return f"splitnet-tree-{app}"
+
+
+def tree_registry(app: str):
+    """The app's :class:`TreeRegistry` (created on first use; detached: it outlives any replica)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(TreeRegistry).options(name=registry_name(app), namespace="splitnet",
+                                                         lifetime="detached", get_if_exists=True).remote()
+
+
 # NOTE: @serve.ingress snapshots the module's globals when the class is defined: every module-level
 # name the class uses must be defined above this line.
 @serve.deployment(name="trunk", max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": DeployOptions.trunk_cpus})
@@ -321,29 +398,19 @@ class TreeIngress:
         if mode == "local":
             files += [entry["file"] for entry in manifest["subtrees"]]
         local = fetch_tree(tree, files)
-        self.manifest = m = manifest  # read once: a 21,841-class manifest takes a while to parse
-        self.class_names = list(m["class_names"])
-        self.class_to_group = list(m["class_to_group"])
-        self.subtree_classes = [np.asarray(s["classes"], dtype=np.int64) for s in m["subtrees"]]
-        self.class_to_subtree = np.empty(len(self.class_names), dtype=np.int64)
-        for g, classes in enumerate(self.subtree_classes):
-            self.class_to_subtree[classes] = g
+        m = manifest  # read once: a 21,841-class manifest takes a while to parse
         info = m.get("info") or {}
         self.size = int(m["input_size"])
         self.mean, self.std = info.get("mean", (0.5, 0.5, 0.5)), info.get("std", (0.25, 0.25, 0.25))
         self.model = _Model(mode, local, m, self.device, amp, dense_weights, cores)
-        # each subtree is sent only the trunk channels it reads (half of them at a 2-way split):
-        # half the bytes serialized and moved per call (benchmarks/serve_latency.py)
-        self.subtree_inputs = ([None if ix is None else np.asarray(ix, dtype=np.int64) for ix in subtree_inputs(m)]
-                               if mode == "fanout" else [])
         # _by_reference=False: trunk -> subtree calls go replica to replica over gRPC instead of
         # through Ray's actor-task path and object store (the features of one image are ~128 KB,
         # over Ray's inline limit). Measured on 2 CPUs: p50 at concurrency 1 25.2 -> 19.6 ms,
         # throughput at concurrency 32 48.9 -> 85.1 req/s (benchmarks/serve_latency.py).
-        self.handles = [h.options(_by_reference=False) for h in subtrees or []]
-        if mode == "fanout" and len(self.handles) != len(m["subtrees"]):
-            raise ValueError(f"the tree has {len(m['subtrees'])} subtrees, the app passed {len(self.handles)} handles")
-        self._orders: dict[tuple, tuple] = {}   # needed subtrees -> (classes, positions): _class_order
+        handles = [h.options(_by_reference=False) for h in subtrees or []]
+        if mode == "fanout" and len(handles) != len(m["subtrees"]):
+            raise ValueError(f"the tree has {len(m['subtrees'])} subtrees, the app passed {len(handles)} handles")
+        self.t = _Tables(m, handles, mode == "fanout")
         self.down: dict[int, str] = {}          # subtree -> why it is unavailable
         self._probes: dict[int, asyncio.Task] = {}
         self.requests = Counter("splitnet_requests", description="HTTP requests by route and status",
@@ -351,6 +418,50 @@ class TreeIngress:
         self.latency = Histogram("splitnet_request_latency_ms", description="/predict latency in the ingress (ms)",
                                  boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
         self.reconfigure({})
+        if mode == "fanout":  # follow the tree's growth (splitnet serve-grow) without a restart
+            self._base = tree
+            threading.Thread(target=self._follow, name="tree-growth", daemon=True).start()
+
+    def _follow(self) -> None:
+        """Wait on the app's TreeRegistry; on a grown tree of this base, switch to it and ack."""
+        import ray
+
+        context = serve.get_replica_context()
+        me = context.replica_id.unique_id
+        registry, gen = None, -1
+        while True:
+            try:
+                registry = registry or tree_registry(context.app_name)
+                new_gen, state = ray.get(registry.current.remote() if gen < 0 else registry.wait.remote(gen))
+            except Exception:  # noqa: BLE001 - no registry reachable: serve what we have, try again
+                registry = None
+                time.sleep(1.0)
+                continue
+            if new_gen != gen:
+                if state and state.get("base") == self._base:
+                    try:
+                        self._grow_to(state)
+                    except Exception as e:  # noqa: BLE001 - a bad publish must not take the replica down
+                        log.error("could not switch to the grown tree %s: %s", state.get("tree"), e)
+                gen = new_gen
+                registry.ack.remote(me, gen)
+
+    def _grow_to(self, state: dict) -> None:
+        """Serve ``state["tree"]`` (a tree grown from the one served: the same trunk), calling each
+        subtree the tree had before through its handle and each new one in its own Serve app."""
+        manifest = read_tree_manifest(state["tree"])
+        current = self.t
+        if manifest["trunk"]["sha256"] != current.manifest["trunk"]["sha256"]:
+            raise ValueError("its trunk is not the served trunk")
+        if len(manifest["subtrees"]) <= len(current.handles):
+            return
+        handles = list(current.handles)
+        for g in range(len(handles), len(manifest["subtrees"])):
+            app = state["apps"][str(g)]
+            handles.append(serve.get_deployment_handle(f"subtree-{g}", app_name=app).options(_by_reference=False))
+        self.t = _Tables(manifest, handles, fanout=True)
+        log.warning("serving the grown tree %s: %d classes, %d subtrees", state["tree"], len(self.t.class_names),
+                    len(handles))
 
     def reconfigure(self, config: dict) -> None:
         """user_config: ``limits`` (see :class:`Limits`), ``max_batch_images``,
@@ -368,16 +479,17 @@ class TreeIngress:
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         subtrees = {f"subtree-{g}": ("unavailable: " + self.down[g]) if g in self.down else "ok"
-                    for g in range(len(self.subtree_classes))}
+                    for g in range(len(self.t.subtree_classes))}
         status = "ok" if not self.down else "degraded"
         return JSONResponse({"status": status, "mode": self.mode, "subtrees": subtrees})
 
     @api.get("/metadata")
     async def metadata(self) -> JSONResponse:
-        m = self.manifest
+        t = self.t
+        m = t.manifest
         groups = [{"group": k["group"], "subtree": f"subtree-{k['subtree']}", "classes": k["classes"]} for k in m["groups"]]
-        classes = [{"index": c, "name": name, "group": self.class_to_group[c],
-                    "subtree": f"subtree-{int(self.class_to_subtree[c])}"} for c, name in enumerate(self.class_names)]
+        classes = [{"index": c, "name": name, "group": t.class_to_group[c],
+                    "subtree": f"subtree-{int(t.class_to_subtree[c])}"} for c, name in enumerate(t.class_names)]
         subtrees = [{"name": s["name"], "classes": len(s["classes"]), "params": s.get("params"),
                      "flops": s.get("flops"), "weight_bytes": s.get("file_bytes")} for s in m["subtrees"]]
         return JSONResponse({"arch": m["arch"], "split": m["split"], "num_classes": m["num_classes"],
@@ -387,6 +499,7 @@ class TreeIngress:
                              "trunk": {"params": m["trunk"].get("params"), "flops": m["trunk"].get("flops"),
                                        "weight_bytes": m["trunk"].get("file_bytes")},
                              "subtrees": subtrees, "counts": m.get("counts", {}),
+                             "grown": {k: m[k] for k in ("parent", "added_classes") if k in m},
                              "limits": vars(self.limits)})
 
     @api.post("/predict")
@@ -458,34 +571,28 @@ class TreeIngress:
             return False
 
     async def _predict(self, body: bytes, content_type: str | None, query: dict) -> dict:
+        t = self.t  # one tree for the whole request, even if it grows meanwhile
         req = parse_predict(body, content_type, query, self.limits)
-        wanted = resolve_classes(req, self.class_names, self.class_to_group)
+        wanted = resolve_classes(req, t.class_names, t.class_to_group)
         top_k = min(req.top_k, self.limits.max_top_k)
         pixels = await asyncio.to_thread(decode_images, req, self.size, self.limits)
         x = to_float_tensor(pixels, self.mean, self.std)
         out = await self._batched(x)
-        needed = (sorted(set(self.class_to_subtree[wanted].tolist())) if wanted is not None
-                  else list(range(len(self.subtree_classes))))
+        needed = (sorted(set(t.class_to_subtree[wanted].tolist())) if wanted is not None
+                  else list(range(len(t.subtree_classes))))
         if self.mode == "fanout":
-            parts = await asyncio.gather(*(self._call_subtree(g, self._inputs_of(g, out)) for g in needed))
-            classes, position = self._class_order(tuple(needed))  # back to the original class order
+            parts = await asyncio.gather(*(self._call_subtree(t, g, self._inputs_of(t, g, out)) for g in needed))
+            classes, position = t.class_order(tuple(needed))  # back to the original class order
             logits = np.take(np.concatenate(parts, axis=1), position, axis=1)
         else:  # the whole tree / the dense model ran in-process: logits of every class, class order
-            classes, logits = np.arange(len(self.class_names)), out
+            classes, logits = np.arange(len(t.class_names)), out
         if wanted is not None:
             keep = np.searchsorted(classes, wanted)
             classes, logits = classes[keep], logits[:, keep]
-        return self._answer(classes, logits, top_k, req.probabilities, needed, wanted is not None)
+        return self._answer(t, classes, logits, top_k, req.probabilities, needed, wanted is not None)
 
-    def _class_order(self, needed: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """The classes the ``needed`` subtrees cover, ascending, and their positions in the subtrees'
-        concatenated logits (:func:`splitnet.tree.class_order`), kept per set of subtrees."""
-        if needed not in self._orders:
-            classes, position = class_order([self.subtree_classes[g] for g in needed])
-            self._orders[needed] = classes.numpy(), position.numpy()
-        return self._orders[needed]
-
-    def _answer(self, classes, logits, top_k, with_probabilities, needed, filtered) -> dict:
+    @staticmethod
+    def _answer(t: _Tables, classes, logits, top_k, with_probabilities, needed, filtered) -> dict:
         logits = logits.astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
@@ -493,9 +600,9 @@ class TreeIngress:
         predictions = []
         for row in probs:
             top = np.argsort(-row, kind="stable")[:k]
-            entry = {"top_k": [{"index": int(classes[j]), "name": self.class_names[classes[j]],
-                                "probability": float(row[j]), "group": self.class_to_group[classes[j]],
-                                "subtree": f"subtree-{int(self.class_to_subtree[classes[j]])}"} for j in top]}
+            entry = {"top_k": [{"index": int(classes[j]), "name": t.class_names[classes[j]],
+                                "probability": float(row[j]), "group": t.class_to_group[classes[j]],
+                                "subtree": f"subtree-{int(t.class_to_subtree[classes[j]])}"} for j in top]}
             if with_probabilities:
                 entry["probabilities"] = [float(p) for p in row]
             predictions.append(entry)
@@ -515,12 +622,12 @@ class TreeIngress:
         out = await asyncio.to_thread(self.model.forward, torch.cat(xs) if len(xs) > 1 else xs[0])
         return np.split(out, np.cumsum(sizes)[:-1])
 
-    def _inputs_of(self, g: int, features: np.ndarray) -> np.ndarray:
+    def _inputs_of(self, t: _Tables, g: int, features: np.ndarray) -> np.ndarray:
         """The trunk channels subtree ``g`` reads, contiguous, in its order."""
-        index = self.subtree_inputs[g]
+        index = t.subtree_inputs[g]
         return features if index is None else np.take(features, index, axis=1)
 
-    async def _call_subtree(self, g: int, features: np.ndarray) -> np.ndarray:
+    async def _call_subtree(self, t: _Tables, g: int, features: np.ndarray) -> np.ndarray:
         """Logits of subtree ``g``. A replica that dies mid-request is retried on another one; when
         no replica takes the request (the only one is restarting) the subtree is marked
         unavailable and its requests get a 503 at once until a background probe sees it back
@@ -536,7 +643,7 @@ class TreeIngress:
             if attempt:
                 await asyncio.sleep(0.05 * 2 ** (attempt - 1))
             try:
-                return await _call_assigned(self.handles[g].logits, (features,), self.assign_timeout_s)
+                return await _call_assigned(t.handles[g].logits, (features,), self.assign_timeout_s)
             except _NotAssigned:
                 reason = f"no replica took the request within {self.assign_timeout_s:g} s"
                 break
@@ -556,7 +663,7 @@ class TreeIngress:
         delay = 0.2
         while g in self.down:
             try:
-                await _call_assigned(self.handles[g].info, (), self.assign_timeout_s)
+                await _call_assigned(self.t.handles[g].info, (), self.assign_timeout_s)
                 log.warning("subtree-%d answers again", g)
                 self.down.pop(g, None)
             except Exception:  # noqa: BLE001 — any failure means "not back yet"

@@ -16,6 +16,7 @@ JSON while no trunk replica is up) is loaded by Serve's HTTP proxy when Serve st
 """
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -200,9 +201,10 @@ def deploy(config: dict) -> str:
     """Deploy ``config`` on the connected Ray cluster (``ray.init`` done); returns the app's URL.
 
     Uses the same builder and the same per-deployment options as ``serve deploy`` would."""
+    import ray
     from ray import serve
 
-    from pipelines.serve.app import build_with_options
+    from pipelines.serve.app import build_with_options, tree_registry
 
     check_cluster(config)
     http = config["http_options"]
@@ -211,6 +213,56 @@ def deploy(config: dict) -> str:
     app = config["applications"][0]
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app["deployments"]}
     application = build_with_options(dict(app["args"]), options)
+    tree = app["args"]["tree"]  # a fresh deployment serves this tree, whatever grew before under the name
+    ray.get(tree_registry(app["name"]).publish.remote({"base": tree, "tree": tree, "apps": {}}))
     serve.run(application, name=app["name"], route_prefix=app["route_prefix"], blocking=False)
     host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
     return f"http://{host}:{http['port']}{app['route_prefix'].rstrip('/')}"
+
+
+def grow_deploy(config: dict, timeout_s: float = 120.0) -> dict:
+    """Add a grown tree's new subtrees to the running app ``config`` names (``serve_config`` of the grown
+    tree): each new subtree as a Serve app of its own, ``<app>-subtree-<g>`` (a new app, so nothing
+    of the running one is redeployed), then every ingress replica switches to the grown tree through
+    the app's TreeRegistry (no restart: the trunk's and the old subtrees' replicas keep running).
+    Returns what was added; raises DeployError when the app is not running this tree's parent."""
+    import ray
+    from ray import serve
+
+    from pipelines.serve.app import Subtree, read_tree_manifest, tree_registry
+
+    app = config["applications"][0]
+    name, grown_tree = app["name"], app["args"]["tree"]
+    status = serve.status().applications.get(name)
+    if status is None:
+        raise DeployError(f"no Serve app {name!r} is running on this cluster; start it with `splitnet serve` (--name)")
+    registry = tree_registry(name)
+    gen, state = ray.get(registry.current.remote())
+    if not state:
+        raise DeployError(f"the app {name!r} was not deployed by `splitnet serve`: it does not follow a growing tree")
+    served, grown = read_tree_manifest(state["tree"]), read_tree_manifest(grown_tree)
+    old = [served["trunk"]] + list(served["subtrees"])
+    if [e["sha256"] for e in old] != [e["sha256"] for e in ([grown["trunk"]] + list(grown["subtrees"]))[:len(old)]]:
+        raise DeployError(f"{grown_tree} was not grown from the served tree {state['tree']} (its trunk or old subtrees differ)")
+    new = list(range(len(served["subtrees"]), len(grown["subtrees"])))
+    if not new:
+        raise DeployError(f"{grown_tree} has no subtree the served tree lacks")
+    specs = {d["name"]: d for d in app["deployments"]}
+    common = {k: app["args"][k] for k in ("device", "amp", "torch_threads") if k in app["args"]}
+    apps = dict(state.get("apps") or {})
+    for g in new:
+        spec = {k: v for k, v in specs[f"subtree-{g}"].items() if k != "name"}
+        apps[str(g)] = f"{name}-subtree-{g}"
+        serve.run(Subtree.options(name=f"subtree-{g}", **spec).bind(grown_tree, g, **common), name=apps[str(g)],
+                  route_prefix=None, blocking=False)
+    gen = ray.get(registry.publish.remote({"base": state["base"], "tree": grown_tree, "apps": apps}))
+    trunk = serve.status().applications[name].deployments["trunk"]
+    expected = int(trunk.replica_states.get("RUNNING", 0))
+    deadline = time.monotonic() + timeout_s
+    while len(ray.get(registry.acked.remote(gen))) < expected:  # every running ingress replica switched
+        if time.monotonic() > deadline:
+            raise DeployError(f"the grown tree is published but only {len(ray.get(registry.acked.remote(gen)))} of "
+                              f"{expected} trunk replicas switched to it within {timeout_s:g} s")
+        time.sleep(0.2)
+    return {"app": name, "tree": grown_tree, "subtrees": [apps[str(g)] for g in new], "classes": grown["num_classes"],
+            "replicas_switched": expected}

@@ -65,7 +65,7 @@ def train(model, data, epochs: int, args, *, lr_span: tuple[float, float], group
         stats = train_one_epoch(model, batches, opt, grouping=grouping, amp_dtype=amp, channels_last=True,
                                 global_step=step, max_steps=steps_per_epoch, scheduler=schedule)
         step += stats["steps"]
-        row = {"stage": stage, "epoch": epoch + 1, **stats, "lr": opt.param_groups[0]["lr"]}
+        row = {"stage": stage, "epoch": epoch + 1, **stats, "lr": schedule.lrs_at(step - 1)[0]}  # its last step's
         if grouping is not None:
             energy = grouping.off_block_energy()
             row.update(phase=grouping.phase(step - 1), off_block_energy=energy, off_block=max(energy.values()))

@@ -488,7 +488,7 @@ def train_loop(config: dict) -> None:
         progress["epoch"] += 1
         progress["step_in_epoch"] = 0
         row = {"stage": stage, "epoch": epoch + 1, **stats, "val_top1": val["top1"], "val_top5": val["top5"],
-               "lr": opt.param_groups[0]["lr"]}
+               "lr": schedule.lrs_at(progress["global_step"] - 1)[0]}  # the epoch's last step's
         said = recipe.after_epoch(model, row, progress)
         progress["history"].append(row)
         elapsed = time.perf_counter() - stage_start

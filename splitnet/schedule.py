@@ -78,7 +78,11 @@ class PhaseSchedule(torch.optim.lr_scheduler.LRScheduler):
         return self.phases[-1], step
 
     def get_lr(self) -> list[float]:
-        phase, step = self.phase_at(max(self.last_epoch, 0))
+        return self.lrs_at(self.last_epoch)
+
+    def lrs_at(self, step: int) -> list[float]:
+        """Every parameter group's learning rate at global ``step``."""
+        phase, step = self.phase_at(max(step, 0))
         ratio = 1.0 if phase.lr is None else phase.lr / self.optimizer.defaults["lr"]
         return [base * ratio * phase.factor(step) for base in self.base_lrs]
 

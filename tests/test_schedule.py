@@ -45,6 +45,7 @@ def test_resumed_from_its_json_state_it_continues_the_same_curve():
     resumed = PhaseSchedule(opt3, phases)
     resumed.load_state_dict(state)
     assert sum(part + _walk(opt3, resumed, 11), []) == pytest.approx(sum(whole, []))
+    assert sum([schedule.lrs_at(s) for s in range(18)], []) == pytest.approx(sum(whole, []))  # any step's, closed form
     # in the second phase: its lr (the multiplier kept), momentum, and weight decay on the decayed group only
     assert whole[10] == pytest.approx([0.02, 0.2])
     assert [(g["momentum"], g["weight_decay"]) for g in opt3.param_groups] == [(0.5, 1e-3), (0.5, 0.0)]

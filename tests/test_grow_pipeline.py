@@ -34,7 +34,8 @@ def parent_run(ray_cluster, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("parent")
     source = make_cifar_slice(CIFAR, tmp / "cifar100", train=640, test=200)
-    cfg = load_config(ROOT / "pipelines/configs/demo.yaml", tiny(tmp / "run", source))
+    cfg = load_config(ROOT / "pipelines/configs/demo.yaml",  # no baseline stage: one Ray Train stage less
+                      tiny(tmp / "run", source, baseline__enabled="false", group__init="scratch", group__warmup=0.25))
     run(cfg, log=lambda line: None)
     return tmp / "run"
 

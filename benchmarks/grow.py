@@ -84,7 +84,7 @@ class Growth:
         out = {}
         for part, keep in (("all", None), ("old", lambda y: y < len(self.old)), ("new", lambda y: y >= len(self.old))):
             data = self.test if keep is None else _subset(self.test, keep)
-            wrapped = {k: _Columns(m, (columns or {}).get(k)) for k, m in models.items()}
+            wrapped = {k: _Logits(m, (columns or {}).get(k)) for k, m in models.items()}
             res = evaluate_models(wrapped, iterate_batches(data, 500, train=False), amp_dtype=self.b100.amp,
                                   channels_last=True)
             for k, r in res.items():
@@ -92,16 +92,21 @@ class Growth:
         return out
 
 
-class _Columns(torch.nn.Module):
-    """A model's logits with its columns reordered (a 100-class model in original ids -> grown order)."""
+class _Logits(torch.nn.Module):
+    """A model's logits as the 100-class grown order reads them: columns reordered (a model in CIFAR-100's
+    ids), or padded to ``classes`` with logits that never win (the 80-class tree before growing)."""
 
-    def __init__(self, model, columns):
+    def __init__(self, model, columns=None, classes: int | None = None):
         super().__init__()
-        self.model, self.columns = model, columns
+        self.model, self.columns, self.classes = model, columns, classes
 
     def forward(self, x):
         out = self.model(x)
-        return out if self.columns is None else out.index_select(1, self.columns.to(out.device))
+        if self.columns is not None:
+            out = out.index_select(1, self.columns.to(out.device))
+        if self.classes is not None:
+            out = torch.cat([out, out.new_full((len(out), self.classes - out.shape[1]), -1e9)], 1)
+        return out
 
 
 def _subset(data: ImageArrays, keep) -> ImageArrays:
@@ -167,7 +172,7 @@ def tree_routes(g: Growth) -> dict:
         tree80.save(parent, input_size=32, dense_cost=model_cost(_dense(a, len(g.old)), 32))
     tree100 = finetuned_tree(g.b100, f"splitnet-k{k:g}-{split}")
     columns = torch.tensor(g.order)  # retrain-100's logits are in CIFAR-100's ids
-    scores = g.score({"tree-80": _Pad(tree80, 100), "retrain-100": tree100}, {"retrain-100": columns})
+    scores = g.score({"tree-80": _Logits(tree80, classes=100), "retrain-100": tree100}, {"retrain-100": columns})
     n80, n100 = len(g.b80.train), len(g.b100.train)
     dense80, dense100 = _dense(a, 80), _dense(a, 100)
     recipe = lambda n, dense, tree: n * (3 * model_cost(dense, 32)["flops"] * (a.base_epochs + a.group_epochs)  # noqa: E731
@@ -179,18 +184,6 @@ def tree_routes(g: Growth) -> dict:
                         "images": n80 * a.epochs, "flops": recipe(n80, dense80, tree80)},
             "retrain-100": {**r100, "top1_100way": scores["retrain-100"], "images": n100 * a.epochs,
                             "flops": recipe(n100, dense100, tree100)}}
-
-
-class _Pad(torch.nn.Module):
-    """An 80-class model as a 100-way classifier that never answers the new classes."""
-
-    def __init__(self, model, classes):
-        super().__init__()
-        self.model, self.classes = model, classes
-
-    def forward(self, x):
-        out = self.model(x)
-        return torch.cat([out, out.new_full((len(out), self.classes - out.shape[1]), -1e9)], 1)
 
 
 def _dense(a, classes: int):

@@ -147,15 +147,16 @@ def grow_run(parent_dir: str, source: str, out: str | None = None, overrides: li
         if g.replay == 0:
             log("[grow] warning: grow.replay=0: no old-class images, so the new subtree never learns to stay low on "
                 "them; its probabilities are not calibrated against the old classes'")
-        sample = replay_thresholds(parent_info.shards, g.replay, subset="train",
-                                   val_fraction=0.0 if parent_cfg.data.eval_split else parent_cfg.data.val_fraction) \
-            if g.replay else None
-        replayed = g.replay * parent_info.num_classes if sample else 0
-        if "like" not in state.get("grow_plan", {}):
+        plan = state.setdefault("grow_plan", {})
+        if "like" not in plan:  # once per grown run: a resumed run reads both back
             affinity = _affinity(parent_tree, cfg, info)
-            like = max(range(len(affinity)), key=affinity.__getitem__)
-            state["grow_plan"] = {"like": like, "affinity": affinity}
+            plan.update(like=max(range(len(affinity)), key=affinity.__getitem__), affinity=affinity,
+                        sample=replay_thresholds(parent_info.shards, g.replay, subset="train",
+                                                 val_fraction=0.0 if parent_cfg.data.eval_split
+                                                 else parent_cfg.data.val_fraction) if g.replay else None)
             rd.write_json("state.json", state)
+        sample = {int(k): v for k, v in plan["sample"].items()} if plan.get("sample") else None
+        replayed = g.replay * parent_info.num_classes if sample else 0
         like = state["grow_plan"]["like"]
         log(f"[grow] the new subtree is shaped as subtree {like} (the new images' probability mass per subtree: "
             + ", ".join(f"{a:.2f}" for a in state["grow_plan"]["affinity"]) + f"), init {g.init}")

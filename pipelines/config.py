@@ -198,6 +198,10 @@ class GrowStageConfig(StageConfig):
     # calibrated against the old classes')
     replay: int = 20
     init: str = "sibling"          # sibling: start from the most similar subtree's weights | fresh
+    # held-out images per class, old and new, on which the new logits' scale and shift are fitted after
+    # training (splitnet.grow.calibrate): the old ones drawn from the run's shards apart from the replay,
+    # the new ones held out of training (at most a fifth of a class); 0: no calibration
+    calibrate: int = 20
 
 
 @dataclass
@@ -469,6 +473,7 @@ def validate(cfg: PipelineConfig) -> None:
                           "warm-up trained; it needs group.method: staged with group.warmup > 0 (or group.init: "
                           "baseline / pretrained, or group.assign_init: random)")
     _positive("grow.replay", cfg.grow.replay, allow_zero=True)
+    _positive("grow.calibrate", cfg.grow.calibrate, allow_zero=True)
     f = cfg.finetune
     _positive("finetune.distill_temperature", f.distill_temperature)
     if not 0 <= f.distill_weight <= 1:

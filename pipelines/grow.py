@@ -4,7 +4,10 @@ The driver reads the parent run (its config, its prepared data, its tree), prepa
 (any layout ``splitnet prepare`` reads) into the new run dir, picks the sibling subtree the new images
 are most often mistaken for, and runs the ``grow`` stage on Ray Train (:class:`pipelines.stages.Grow`):
 a new subtree trained on the new classes' images plus ``grow.replay`` images of every old class from
-the parent's shards, the trunk and the old subtrees frozen. The new run dir then holds the grown tree
+the parent's shards, the trunk and the old subtrees frozen; then the new logits' scale and shift are
+fitted on ``grow.calibrate`` held-out images of every class (old ones from the parent's shards apart
+from the replay, new ones held out of training) and folded into the new classifiers
+(:func:`splitnet.grow.calibrate`). The new run dir then holds the grown tree
 (``tree/``: the parent's weight files byte for byte, the new subtree's, a manifest naming the parent
 and the added classes) and ``grow.json`` (top-1 on the old and new classes, before and after).
 Nothing in the parent run dir is written. Re-running the command resumes.
@@ -20,18 +23,19 @@ import torch
 import yaml
 
 from splitnet.artifacts import load_tree, read_manifest
-from splitnet.grow import sibling_affinity
+from splitnet.grow import calibrate, save_grown, sibling_affinity
 from splitnet.train import evaluate_models
 
 from .config import ConfigError, PipelineConfig, apply_overrides, from_dict, to_dict
 from .data.records import DecodeConfig, to_float_tensor
-from .data.stream import read_dataset, replay_thresholds, torch_batches
+from .data.stream import class_samples, read_dataset, rest, torch_batches
 from .progress import Printer
 from .rundir import RunDir
-from .run import (DataInfo, PipelineError, _check_run_dir, _init_ray, _mark, _prepare, _train_stage, absolute_paths,
-                  collect_bad_records)
+from .run import (DataInfo, PipelineError, _check_run_dir, _done, _init_ray, _mark, _prepare, _train_stage,
+                  absolute_paths, collect_bad_records)
 
 AFFINITY_IMAGES = 512  # new images the sibling is chosen on
+HELD_OUT_SHARE = 0.2  # at most this share of a new class's training images is held out for the calibration
 
 
 def grow_config(parent: RunDir, source: str, out: str, overrides: list[str]) -> PipelineConfig:
@@ -72,33 +76,82 @@ def _affinity(tree, cfg: PipelineConfig, info: DataInfo) -> list[float]:
     return sibling_affinity(tree, [(x, torch.as_tensor(batch["label"]))])
 
 
-def _datasets(cfg: PipelineConfig, parent_cfg: PipelineConfig, parent: DataInfo, new: DataInfo,
-              sample: dict | None, train: bool) -> dict:
-    """train: the new classes' images (labels after the old ones) and the replay sample of the old
-    classes, in one shuffled stream; val_new / val_old: each side's evaluation split."""
+def _datasets(cfg: PipelineConfig, parent_cfg: PipelineConfig, parent: DataInfo, new: DataInfo, plan: dict,
+              parts: tuple[str, ...]) -> dict:
+    """The grow stage's datasets (``parts`` of them), the per-class samples as ``plan`` drew them:
+    train: the new classes' images (labels after the old ones) but those held out, and the replay sample
+    of the old classes, in one shuffled stream; calibrate: the held-out images of both; val_new /
+    val_old: each side's evaluation split."""
     n_old, d, pd = parent.num_classes, cfg.data, parent_cfg.data
     common = dict(concurrency=d.decode_actors, num_cpus=d.decode_cpus)
+    samples = plan.get("samples") or {}
 
     def decode(classes, augment):
         return DecodeConfig(image_size=d.image_size, train=augment, num_classes=classes, max_pixels=d.max_pixels,
                             on_bad_record=d.on_bad_record)
 
-    out = {"val_new": read_dataset(new.shards, split=new.eval_split, subset=new.eval_subset,
-                                   val_fraction=0.0 if d.eval_split else d.val_fraction, decode=decode(new.num_classes, False),
-                                   seed=cfg.seed, shuffle_files=False, label_offset=n_old, **common),
-           "val_old": read_dataset(parent.shards, split=parent.eval_split, subset=parent.eval_subset,
-                                   val_fraction=0.0 if pd.eval_split else pd.val_fraction, decode=decode(n_old, False),
-                                   seed=cfg.seed, shuffle_files=False, **common)}
-    if train:
-        ds = read_dataset(new.shards, split="train", subset="train", val_fraction=0.0 if d.eval_split else d.val_fraction,
-                          decode=decode(new.num_classes, True), seed=cfg.seed, label_offset=n_old, **common)
-        if sample:
-            ds = ds.union(read_dataset(parent.shards, split="train", subset="train",
-                                       val_fraction=0.0 if pd.eval_split else pd.val_fraction, decode=decode(n_old, True),
-                                       seed=cfg.seed, sample=sample, **common))
+    def train_split(shards, conf, classes, augment, sample, offset=0, shuffle=True):
+        return read_dataset(shards, split="train", subset="train", val_fraction=0.0 if conf.eval_split else conf.val_fraction,
+                            decode=decode(classes, augment), seed=cfg.seed, sample=sample, label_offset=offset,
+                            shuffle_files=shuffle, **common)
+
+    out = {}
+    if "val_new" in parts or "train" in parts:
+        out["val_new"] = read_dataset(new.shards, split=new.eval_split, subset=new.eval_subset,
+                                      val_fraction=0.0 if d.eval_split else d.val_fraction, decode=decode(new.num_classes, False),
+                                      seed=cfg.seed, shuffle_files=False, label_offset=n_old, **common)
+        out["val_old"] = read_dataset(parent.shards, split=parent.eval_split, subset=parent.eval_subset,
+                                      val_fraction=0.0 if pd.eval_split else pd.val_fraction, decode=decode(n_old, False),
+                                      seed=cfg.seed, shuffle_files=False, **common)
+    if "train" in parts:
+        held_out = samples.get("calibrate_new")
+        ds = train_split(new.shards, d, new.num_classes, True, rest([held_out]) if held_out else None, n_old)
+        if samples.get("replay"):
+            ds = ds.union(train_split(parent.shards, pd, n_old, True, samples["replay"]))
         out["train"] = ds.randomize_block_order(seed=cfg.seed)
         out["val"] = out["val_new"].union(out["val_old"])
+    if "calibrate" in parts:
+        out["calibrate"] = train_split(new.shards, d, new.num_classes, False, samples["calibrate_new"], n_old,
+                                       shuffle=False).union(
+            train_split(parent.shards, pd, n_old, False, samples["calibrate_old"], shuffle=False))
     return out
+
+
+def _draw_samples(cfg: PipelineConfig, parent_cfg: PipelineConfig, parent: DataInfo, new: DataInfo) -> dict:
+    """The per-class samples, drawn once per grown run from the shards' keys: the replay and the old
+    classes' calibration images (disjoint), the new classes' held-out calibration images."""
+    g = cfg.grow
+    val = lambda conf: 0.0 if conf.eval_split else conf.val_fraction  # noqa: E731
+    replay, calibrate_old = class_samples(parent.shards, [g.replay, g.calibrate], val_fraction=val(parent_cfg.data))
+    [calibrate_new] = class_samples(new.shards, [g.calibrate], val_fraction=val(cfg.data), max_share=HELD_OUT_SHARE)
+    out = {"replay": replay}
+    if g.calibrate:
+        missing = [new.class_names[c] for c in range(new.num_classes) if c not in calibrate_new]
+        if missing or not calibrate_old:
+            raise PipelineError(f"grow.calibrate={g.calibrate}: no images to hold out for "
+                                + (f"new class {missing[0]!r} ({len(missing)} classes have fewer than "
+                                   f"{int(1 / HELD_OUT_SHARE)} training images)" if missing else
+                                   "the old classes (every image of the parent's shards is in the replay)")
+                                + "; set grow.calibrate=0 to skip the calibration")
+        out.update(calibrate_old=calibrate_old, calibrate_new=calibrate_new)
+    return out
+
+
+def _calibrate(rd: RunDir, parent: RunDir, data: dict, info: DataInfo, log) -> dict:
+    """Fit the grown tree's new logits on the held-out images and write the tree again (the old files
+    copied byte for byte as before, the new subtree's rewritten). Fitting again on the same images
+    gives (1, 0): a run resumed after the write and before the stage's mark changes nothing."""
+    with rd.local_copy("tree") as d:
+        tree = load_tree(d)
+    fit = calibrate(tree, torch_batches(data["calibrate"], 256, info.mean, info.std))
+    with parent.local_copy("tree") as p, rd.staging("tree") as d:
+        save_grown(tree, p, d, parent_uri=parent.display("tree"))
+        if rd.exists("tree/result.json"):
+            (d / "result.json").write_text(rd.read_text("tree/result.json"))
+    log(f"[grow] calibrated the new logits on {fit['images']} held-out images of {fit['classes']} classes: "
+        f"scale {fit['scale']:.3f}, shift {fit['shift']:+.3f} (class-balanced loss {fit['loss_before']:.3f} -> "
+        f"{fit['loss_after']:.3f})")
+    return fit
 
 
 def _metrics(parent_tree, grown_tree, data: dict, info: DataInfo, max_batches: int | None) -> dict:
@@ -146,32 +199,38 @@ def grow_run(parent_dir: str, source: str, out: str | None = None, overrides: li
         g = cfg.grow
         if g.replay == 0:
             log("[grow] warning: grow.replay=0: no old-class images, so the new subtree never learns to stay low on "
-                "them; its probabilities are not calibrated against the old classes'")
+                "them; " + (f"only the calibration on {g.calibrate} held-out images per class will scale its logits "
+                            "against the old classes'" if g.calibrate else
+                            "its probabilities are not calibrated against the old classes' (grow.calibrate=0)"))
         plan = state.setdefault("grow_plan", {})
-        if "like" not in plan:  # once per grown run: a resumed run reads both back
+        if "like" not in plan or "samples" not in plan:  # once per grown run: a resumed run reads both back
             affinity = _affinity(parent_tree, cfg, info)
             plan.update(like=max(range(len(affinity)), key=affinity.__getitem__), affinity=affinity,
-                        sample=replay_thresholds(parent_info.shards, g.replay, subset="train",
-                                                 val_fraction=0.0 if parent_cfg.data.eval_split
-                                                 else parent_cfg.data.val_fraction) if g.replay else None)
+                        samples=_draw_samples(cfg, parent_cfg, parent_info, info))
             rd.write_json("state.json", state)
-        sample = {int(k): v for k, v in plan["sample"].items()} if plan.get("sample") else None
-        replayed = g.replay * parent_info.num_classes if sample else 0
-        like = state["grow_plan"]["like"]
+        samples = plan["samples"]
+        like = plan["like"]
         log(f"[grow] the new subtree is shaped as subtree {like} (the new images' probability mass per subtree: "
-            + ", ".join(f"{a:.2f}" for a in state["grow_plan"]["affinity"]) + f"), init {g.init}")
+            + ", ".join(f"{a:.2f}" for a in plan["affinity"]) + f"), init {g.init}")
+        held_out = min(g.calibrate * info.num_classes, int(info.train_records * HELD_OUT_SHARE)) if g.calibrate else 0
         combined = dataclasses.replace(info, class_names=parent_info.class_names + info.class_names,
-                                       train_records=info.train_records + replayed)
-        data = _datasets(cfg, parent_cfg, parent_info, info, sample, train=True)
+                                       train_records=max(info.train_records - held_out, 1)
+                                       + (g.replay * parent_info.num_classes if samples.get("replay") else 0))
+        data = _datasets(cfg, parent_cfg, parent_info, info, plan, ("train",))
         _train_stage(cfg, rd, state, combined, "grow", log, datasets={"train": data["train"], "val": data["val"]},
                      recipe={"parent": parent.display(), "classes": info.class_names, "like": like})
+        if g.calibrate and not _done(state, "calibrate"):
+            t1 = time.perf_counter()
+            fit = _calibrate(rd, parent, _datasets(cfg, parent_cfg, parent_info, info, plan, ("calibrate",)), info, log)
+            _mark(rd, state, "calibrate", fit, time.perf_counter() - t1)
         with rd.local_copy("tree") as d:
             grown_tree = load_tree(d)
-        metrics = _metrics(parent_tree, grown_tree, _datasets(cfg, parent_cfg, parent_info, info, None, train=False),
+        metrics = _metrics(parent_tree, grown_tree, _datasets(cfg, parent_cfg, parent_info, info, plan, ("val_new",)),
                            info, cfg.evaluate.max_batches or None)
         manifest = read_manifest(d) if rd.is_local else {}
         result = {"parent": parent.display(), "tree": rd.display("tree"), "added_classes": info.class_names,
-                  "like": like, "replay": g.replay, "metrics": metrics, "seconds": time.perf_counter() - t0,
+                  "like": like, "replay": g.replay, "calibration": (state["stages"].get("calibrate") or {}).get("result"),
+                  "metrics": metrics, "seconds": time.perf_counter() - t0,
                   "subtrees": len(grown_tree.subtrees), "weights": manifest.get("counts", {}).get("split")}
         rd.write_json("grow.json", result)
         _mark(rd, state, "evaluate", metrics, 0.0)

@@ -11,10 +11,19 @@ must not, which is what calibrates its logits against theirs.
     model = GrowingTree(grown)                                 # trains only grown.subtrees[-1]
     opt = torch.optim.SGD(parameter_groups(model.new, lr, wd), lr=lr, momentum=0.9)
     train_one_epoch(model, new_and_replay_batches, opt)
+    calibrate(grown, held_out_batches)                         # the new logits' scale and shift, fitted
     save_grown(grown, parent_dir, out_dir)                     # old files copied byte for byte
 
 A grown tree's manifest records its parent (directory and manifest SHA-256), the added classes and,
 per added subtree, the sibling it was shaped as (:mod:`splitnet.artifacts` rebuilds it from that).
+
+**Calibration.** Trained on the new classes' images against a small replay of the old ones, the new
+subtree outscores the old subtrees on old-class images it never saw (CIFAR-100, 80 classes grown by
+20, 20 replayed per class: a third of the old classes' test images lost to the new classes).
+:func:`calibrate` fits one scale and one shift of the new logits (``scale * z + shift``, as BiC, Wu et
+al. 2019) by class-balanced cross-entropy over held-out images of every class, the old logits fixed,
+and folds them into the new classifiers' weights and biases: the tree stays a tree, the old subtrees
+stay untouched, and fitting again on the same images gives back (1, 0).
 """
 from __future__ import annotations
 
@@ -22,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+import torch.nn.functional as F
 
 from .artifacts import MANIFEST, read_manifest, save_tree, sha256_file
 from .tree import SplitTree, leaves, sibling_copy
@@ -122,6 +133,95 @@ class GrowingTree(nn.Module):
             features = self.tree.trunk(x)
             old = torch.cat([s(features) for s in self.old], dim=1).index_select(1, self._old_position.to(x.device))
         return torch.cat([old, self.new(features)], dim=1)
+
+
+@torch.no_grad()
+def calibration_logits(tree: SplitTree, batches, device="cpu") -> dict:
+    """What :func:`fit_calibration` needs of ``tree``'s logits on ``batches`` (images of old and new
+    classes), per image: the log-sum-exp of the old logits, the label's old logit (0 for a new class),
+    the new subtree's logits and the label: O(images x new classes) memory, whatever the old classes."""
+    tree.eval()
+    first = int(tree.subtrees[-1].classes.min())  # the new subtree's ids come after every old one
+    parts = {"old_lse": [], "old_target": [], "new": [], "label": []}
+    for x, y in batches:
+        z = tree(x.to(device)).float().cpu()
+        y = torch.as_tensor(y).long().cpu()
+        old = z[:, :first]
+        parts["old_lse"].append(old.logsumexp(1))
+        parts["old_target"].append(torch.where(y < first, old.gather(1, y.clamp(max=first - 1)[:, None])[:, 0], 0.0))
+        parts["new"].append(z[:, first:])
+        parts["label"].append(y)
+    if not parts["label"]:
+        raise ValueError("calibration: no images")
+    return {k: torch.cat(v) for k, v in parts.items()} | {"first": first}
+
+
+def _calibrated_loss(logits: dict, scale, shift) -> torch.Tensor:
+    """Class-balanced cross-entropy (every class present weighs the same) with the new logits
+    ``scale * z + shift`` and the old ones as they are."""
+    y, first = logits["label"], logits["first"]
+    new = scale * logits["new"].double() + shift
+    lse = torch.logaddexp(logits["old_lse"].double(), new.logsumexp(1))
+    is_new = y >= first
+    target = torch.where(is_new, new.gather(1, (y - first).clamp(min=0)[:, None])[:, 0], logits["old_target"].double())
+    counts = torch.bincount(y)
+    w = 1.0 / counts[y].double()
+    return ((lse - target) * w).sum() / w.sum()
+
+
+def fit_calibration(logits: dict) -> dict:
+    """The scale (> 0) and shift of the new logits that minimise :func:`_calibrated_loss` (convex in
+    both: the logits are affine in them), by L-BFGS in float64; with the loss before and after."""
+    y, first = logits["label"], logits["first"]
+    if not (y < first).any() or not (y >= first).any():
+        raise ValueError("calibration needs held-out images of both old and new classes")
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # log scale, shift
+    opt = torch.optim.LBFGS([p], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _calibrated_loss(logits, p[0].exp(), p[1])
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    scale, shift = float(p[0].detach().exp()), float(p[1].detach())
+    before = float(_calibrated_loss(logits, 1.0, 0.0))
+    after = float(_calibrated_loss(logits, scale, shift))
+    if not after <= before:  # never worse than leaving the logits alone
+        scale, shift, after = 1.0, 0.0, before
+    return {"scale": scale, "shift": shift, "loss_before": before, "loss_after": after, "images": int(len(y)),
+            "classes": int(torch.unique(y).numel())}
+
+
+@torch.no_grad()
+def fold_calibration(subtree: nn.Module, scale: float, shift: float) -> None:
+    """``subtree``'s logits become ``scale * logits + shift``: every leaf classifier's weight and bias
+    scaled, the shift added to the bias."""
+    for leaf in leaves(subtree):
+        fc = leaf.fc
+        if fc.bias is None:
+            raise ValueError("calibration: the new classifiers have no bias")
+        fc.weight.mul_(scale)
+        fc.bias.mul_(scale).add_(shift)
+
+
+def calibrate(tree: SplitTree, batches, device="cpu") -> dict:
+    """Fit the new subtree's logit scale and shift on ``batches`` (held-out images of old and new
+    classes: not the ones it trained on) and fold them into its classifiers. Returns the fit (also
+    recorded in the manifest's entry for the subtree). The old subtrees are not touched."""
+    if not tree.grown:
+        raise ValueError("calibration: not a grown tree (no subtree added)")
+    fit = fit_calibration(calibration_logits(tree, batches, device))
+    fold_calibration(tree.subtrees[-1], fit["scale"], fit["shift"])
+    entry = tree.grown[-1]
+    previous = entry.get("calibration")
+    if previous:  # calibrated again: the folded transform composes
+        fit = {**fit, "scale": previous["scale"] * fit["scale"], "shift": previous["shift"] * fit["scale"] + fit["shift"]}
+    entry["calibration"] = {k: fit[k] for k in ("scale", "shift", "images", "classes", "loss_before", "loss_after")}
+    return fit
 
 
 def save_grown(tree: SplitTree, parent: str | Path, directory: str | Path, input_size: int | None = None,

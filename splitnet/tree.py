@@ -256,7 +256,7 @@ def sibling_copy(sibling: SubtreeNode, leaf_classes: list[torch.Tensor], fresh: 
     for leaf, classes in zip(ends, leaf_classes):
         old = leaf.fc
         with torch.device(old.weight.device):
-            leaf.fc = nn.Linear(old.in_features, len(classes), bias=old.bias is not None)
+            leaf.fc = nn.Linear(old.in_features, len(classes), bias=True)
         leaf.classes = torch.as_tensor(classes, dtype=torch.long, device=leaf.classes.device)
     if fresh:
         for m in node.modules():

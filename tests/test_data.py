@@ -495,3 +495,32 @@ def test_decoded_cache_only_for_small_images_that_fit_the_object_store(monkeypat
     assert not cache(100_000)                      # 293 MiB: streams, decoded every epoch
     assert not cache(10_000, "data.cache=false")
     assert not cache(100, "data.image_size=96")     # larger images: augmented while decoding (random-resized crop)
+
+
+def test_class_samples_are_disjoint_sized_and_the_rest_is_everything_else(tmp_path):
+    """A grown tree's replay, calibration and held-out samples: drawn from the keys alone, disjoint,
+    ``sizes`` per class (capped by ``max_share``), and DecodeBatch keeps exactly their records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.data.stream import DecodeBatch, _in_sample, class_samples, rest
+
+    counts = {0: 30, 1: 12, 2: 4}  # class 2 runs out
+    keys = [f"c{c}-{i}" for c, n in counts.items() for i in range(n)]
+    labels = [c for c, n in counts.items() for _ in range(n)]
+    for part in (0, 1):  # two shards: a class spread over both
+        pq.write_table(pa.table({"key": keys[part::2], "image": [b""] * len(keys[part::2]), "label": labels[part::2]}),
+                       tmp_path / f"train-{part:05d}.parquet")
+    replay, held = class_samples(str(tmp_path), [5, 3])
+    def members(sample):  # the records the decoder keeps, the sample as it holds it (from JSON)
+        held = DecodeBatch({"image_size": 8, "num_classes": 3}, log_name=None, sample=sample).sample
+        return {k for k, lab in zip(keys, labels) if _in_sample(k, lab, held)}
+
+    r, h, other = members(replay), members(held), members(rest([replay, held]))
+    assert [sum(k.startswith(f"c{c}-") for k in r) for c in counts] == [5, 5, 4]
+    assert [sum(k.startswith(f"c{c}-") for k in h) for c in counts] == [3, 3, 0]
+    assert not (r & h) and not (r & other) and not (h & other) and r | h | other == set(keys)
+    assert class_samples(str(tmp_path), [5, 3]) == [replay, held]  # deterministic
+    [capped] = class_samples(str(tmp_path), [10], max_share=0.2)  # at most a fifth of each class
+    assert [sum(k.startswith(f"c{c}-") for k in members(capped)) for c in counts] == [6, 2, 0]
+    assert rest([{}]) is None

@@ -8,7 +8,8 @@ from conftest import randomize
 from splitnet import build_model, cut
 from splitnet.accounting import model_cost
 from splitnet.artifacts import ArtifactError, load_subtree, load_tree, read_manifest, sha256_file
-from splitnet.grow import GrowingTree, grow, most_similar, save_grown, sibling_affinity
+from splitnet.grow import (GrowingTree, calibrate, calibration_logits, fit_calibration, fold_calibration, grow,
+                           most_similar, save_grown, sibling_affinity)
 from splitnet.regularizers import parameter_groups
 from splitnet.train import train_one_epoch
 
@@ -123,3 +124,76 @@ def test_the_most_similar_sibling_is_the_one_the_new_images_are_taken_for(tmp_pa
         for leaf_fc in [tree.subtrees[1].fc]:
             leaf_fc.bias.add_(50.0)
     assert most_similar(tree, batches) == 1 and sibling_affinity(tree, batches)[1] > 0.99
+
+
+def _planted(n_per_class=200, old=6, new=3, scale=0.5, shift=-2.0, seed=0) -> dict:
+    """Logits of a calibrated model (the labels drawn from its softmax), then the new ones distorted:
+    ``z_new = (true - shift) / scale``; the fit must find (scale, shift) back."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(old + new).repeat_interleave(n_per_class)
+    true = torch.randn(len(labels), old + new, generator=g) * 2.0
+    true[torch.arange(len(labels)), labels] += 3.0
+    labels = torch.multinomial(true.softmax(1), 1, generator=g)[:, 0]  # a calibrated model's labels
+    old_logits, new_logits = true[:, :old], (true[:, old:] - shift) / scale
+    return {"old_lse": old_logits.logsumexp(1),
+            "old_target": torch.where(labels < old, old_logits.gather(1, labels.clamp(max=old - 1)[:, None])[:, 0], 0.0),
+            "new": new_logits, "label": labels, "first": old}
+
+
+def test_calibration_finds_a_planted_scale_and_shift_back():
+    fit = fit_calibration(_planted(scale=0.5, shift=-2.0))
+    assert fit["scale"] == pytest.approx(0.5, rel=0.1) and fit["shift"] == pytest.approx(-2.0, abs=0.3)
+    assert fit["loss_after"] < fit["loss_before"]
+    again = fit_calibration(_planted(scale=1.0, shift=0.0))  # already calibrated: left (nearly) alone
+    assert again["scale"] == pytest.approx(1.0, abs=0.1) and again["shift"] == pytest.approx(0.0, abs=0.3)
+    with pytest.raises(ValueError, match="both old and new"):
+        fit_calibration({**_planted(), "label": torch.zeros(len(_planted()["label"]), dtype=torch.long)})
+
+
+def test_calibration_is_class_balanced():
+    """A class with ten times the held-out images weighs as much as any other: duplicating one class's
+    images leaves the fit where it was."""
+    logits = _planted(n_per_class=60, seed=3)
+    extra = logits["label"] == 7  # a new class
+    tenfold = {k: (torch.cat([v] + [v[extra]] * 9) if torch.is_tensor(v) else v) for k, v in logits.items()}
+    a, b = fit_calibration(logits), fit_calibration(tenfold)
+    assert a["scale"] == pytest.approx(b["scale"], rel=1e-4) and a["shift"] == pytest.approx(b["shift"], abs=1e-4)
+
+
+def test_calibrating_a_grown_tree_moves_only_the_new_logits_and_is_recorded(tmp_path):
+    parent = _saved_tree(tmp_path, "1-2-4")  # the new subtree has two leaves: both classifiers fold
+    tree = load_tree(parent)
+    grown = grow(tree, ["new0", "new1", "new2"], like=0).eval()
+    with torch.no_grad():  # a new subtree that claims too much
+        for leaf in grown.subtrees[-1].branches:
+            leaf.fc.bias.add_(4.0)
+    old_state = {k: v.clone() for k, v in grown.state_dict().items() if not k.startswith("subtrees.2.")}
+    x = torch.randn(6, 3, 16, 16)
+    before = grown(x)
+    batches = [(torch.randn(11, 3, 16, 16, generator=torch.Generator().manual_seed(s)), torch.arange(11)) for s in range(3)]
+    fit = calibrate(grown, batches)
+    after = grown(x)
+    assert torch.equal(after[:, :8], before[:, :8])  # the old logits, bit for bit
+    assert torch.allclose(after[:, 8:], fit["scale"] * before[:, 8:] + fit["shift"], atol=1e-4)
+    assert fit["shift"] < 0 and fit["images"] == 33 and fit["classes"] == 11 and fit["loss_after"] < fit["loss_before"]
+    for k, v in grown.state_dict().items():
+        if k in old_state:
+            assert torch.equal(v, old_state[k]), k
+    refit = fit_calibration(calibration_logits(grown, batches))  # fitting again on the same images: the identity
+    assert refit["scale"] == pytest.approx(1.0, abs=1e-3) and refit["shift"] == pytest.approx(0.0, abs=1e-3)
+    save_grown(grown, parent, tmp_path / "grown")
+    m = read_manifest(tmp_path / "grown")
+    assert m["grown"][0]["calibration"]["scale"] == pytest.approx(fit["scale"])
+    assert torch.equal(load_tree(tmp_path / "grown")(x), after)
+    for entry in [m["trunk"], *m["subtrees"][:2]]:  # the old files still the parent's, byte for byte
+        assert sha256_file(tmp_path / "grown" / entry["file"]) == sha256_file(parent / entry["file"])
+    with pytest.raises(ValueError, match="not a grown tree"):
+        calibrate(tree, batches)
+
+
+def test_fold_calibration_scales_every_leaf_classifier(tmp_path):
+    grown = grow(load_tree(_saved_tree(tmp_path, "1-2-4")), ["a", "b", "c"], like=1).eval()
+    features = grown.trunk(torch.randn(2, 3, 16, 16))
+    before = grown.subtrees[-1](features)
+    fold_calibration(grown.subtrees[-1], 2.0, -1.5)
+    assert torch.allclose(grown.subtrees[-1](features), 2.0 * before - 1.5, atol=1e-5)

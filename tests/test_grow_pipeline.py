@@ -78,6 +78,14 @@ def test_grow_adds_a_subtree_and_leaves_the_parent_as_it_was(parent_run, new_sou
     metrics = json.loads((tmp_path / "grown" / "grow.json").read_text())["metrics"]
     assert set(metrics) == {"old", "old_before", "new", "all", "images"} and 0 < metrics["images"]["new"] < 48
     assert any("[grow] 3 classes added as subtree 2" in line for line in lines)
+    # the new logits were calibrated on held-out images of every class, recorded in the run and the manifest
+    fit = state["stages"]["calibrate"]["result"]
+    assert fit["scale"] > 0 and fit["loss_after"] <= fit["loss_before"] and fit == result["calibration"]
+    assert m["grown"][0]["calibration"]["shift"] == fit["shift"]
+    assert any("[grow] calibrated the new logits on" in line for line in lines)
+    samples = state["grow_plan"]["samples"]  # every class with an image left after the replay, and the 3 new ones
+    assert set(samples) == {"replay", "calibrate_old", "calibrate_new"} and len(samples["calibrate_new"]) == 3
+    assert fit["classes"] == len(samples["calibrate_old"]) + 3 and len(samples["calibrate_old"]) >= parent_m["num_classes"] - 2
     # re-running the command resumes: nothing trains again, the same tree is there
     lines.clear()
     grow_run(str(parent_run), str(new_source), str(tmp_path / "grown"), GROW + ["grow.replay=2"], log=lines.append)

@@ -146,20 +146,28 @@ def _key_hash(key) -> int:
     return zlib.crc32(str(key).encode())
 
 
-def _in_sample(key, label, thresholds: dict) -> bool:
+HASH_END = 2**32  # above every CRC32 key hash: a sample range open at the top
+
+
+def _in_sample(key, label, ranges: dict) -> bool:
     try:
-        limit = thresholds.get(int(label))
+        bounds = ranges.get(int(label))
     except (TypeError, ValueError):
         return False  # no usable label: not in a per-class sample (the full pass reports it)
-    return limit is not None and _key_hash(key) <= limit
+    if bounds is None:
+        return False
+    low, high = bounds
+    return low < _key_hash(key) <= high
 
 
-def replay_thresholds(uri: str, per_class: int, split: str = "train", subset: str = "train",
-                      val_fraction: float = 0.0) -> dict[int, int]:
-    """For a sample of ``per_class`` records of every class of ``split`` (``subset`` of it): per label,
-    the largest key hash in the sample, the ``per_class`` smallest hashes of the class. One pass over
-    the keys and labels only (Parquet: two columns; WebDataset: the tar headers and ``.cls`` members);
-    the sample is then read with ``read_dataset(..., sample=...)``, deterministic and the same every epoch."""
+def class_samples(uri: str, sizes: list[int], split: str = "train", subset: str = "train",
+                  val_fraction: float = 0.0, max_share: float = 1.0) -> list[dict[int, list[int]]]:
+    """Consecutive disjoint per-class samples of the records of ``split`` (``subset`` of it): sample i
+    holds ``sizes[i]`` records of every class (fewer where the class runs out; all together at most
+    ``max_share`` of the class), as ``{label: [low, high]}``, the records whose key hash ``h`` has
+    ``low < h <= high``. One pass over the keys and labels only (Parquet: two columns; WebDataset: the
+    tar headers and ``.cls`` members); a sample is then read with ``read_dataset(..., sample=...)``,
+    deterministic and the same every epoch. :func:`rest` is every record of a class after the samples."""
     fs, paths, fmt = list_shards(uri, split)
     hashes: dict[int, list[int]] = {}
     for path in paths:
@@ -167,7 +175,28 @@ def replay_thresholds(uri: str, per_class: int, split: str = "train", subset: st
             if label is None or (val_fraction > 0 and in_validation(str(key), val_fraction) != (subset == "val")):
                 continue
             hashes.setdefault(int(label), []).append(_key_hash(key))
-    return {label: sorted(h)[:per_class][-1] for label, h in hashes.items() if per_class > 0}
+    out: list[dict[int, list[int]]] = [{} for _ in sizes]
+    for label, h in hashes.items():
+        h.sort()
+        taken, low = 0, -1
+        budget = int(len(h) * max_share)
+        for i, size in enumerate(sizes):
+            n = max(0, min(size, budget - taken))
+            if n:
+                high = h[taken + n - 1]
+                out[i][label] = [low, high]
+                taken, low = taken + n, high
+    return out
+
+
+def rest(samples: list[dict[int, list[int]]]) -> dict[int, list[int]] | None:
+    """Every record of a class not in ``samples`` (as :func:`class_samples` drew them): the range above
+    their highest hash. None where no class was sampled (keep every record)."""
+    top: dict[int, int] = {}
+    for sample in samples:
+        for label, (_, high) in sample.items():
+            top[label] = max(top.get(label, -1), high)
+    return {label: [high, HASH_END] for label, high in top.items()} or None
 
 
 def _keys_and_labels(fs, path: str, fmt: str):
@@ -236,10 +265,10 @@ class DecodeBatch:
                  log_name: str | None = BAD_LOG_NAME, threads: int = 1, sample: dict | None = None,
                  label_offset: int = 0):
         self.cfg = DecodeConfig(**cfg)
-        # sample: {label: key hash threshold} keeps the records of those labels whose key hashes at or
-        # below it, before any decoding (a grown tree's replay sample, replay_thresholds); label_offset
+        # sample: {label: [low, high]} keeps the records of those labels whose key hash is in (low, high],
+        # before any decoding (a grown tree's replay and calibration samples, class_samples); label_offset
         # is added to every label decoded (a grown tree's new classes come after the old ones)
-        self.sample = {int(k): int(v) for k, v in sample.items()} if sample is not None else None
+        self.sample = {int(k): [int(v[0]), int(v[1])] for k, v in sample.items()} if sample is not None else None
         self.label_offset = int(label_offset)
         # Pillow releases the GIL while it decodes and resizes: threads let one actor use more
         # than one core (224 px JPEGs, 2 threads: 1.5-1.9x the images/s of one).

@@ -10,6 +10,9 @@ Routes (plain PyTorch in one process, the data in memory, the pipeline's recipe 
 * ``grow-INIT-kK``: ``tree-80`` grown by a subtree shaped as its most similar sibling (weights from it:
   ``sibling``, or ``fresh``), trained ``--grow-epochs`` on the new classes' images plus K replayed
   images of every old class, the trunk and the old subtrees frozen (:mod:`splitnet.grow`);
+* ``grow-INIT-kK-cC``: the same, C images of every new class held out of training, then the new logits
+  calibrated (:func:`splitnet.grow.calibrate`) on those and C old-class images per class apart from the
+  replay (as ``splitnet grow`` with ``grow.calibrate=C``);
 * ``finetune-all-kK``: the same grown tree with every weight trainable, on the same images and epochs:
   the forgetting route.
 
@@ -43,7 +46,7 @@ from pareto import BATCH, Bench, finetuned_tree, group_route  # noqa: E402
 from splitnet.accounting import model_cost, tree_cost  # noqa: E402
 from splitnet.artifacts import load_tree  # noqa: E402
 from splitnet.datasets import ImageArrays, iterate_batches  # noqa: E402
-from splitnet.grow import GrowingTree, grow, save_grown, sibling_affinity  # noqa: E402
+from splitnet.grow import GrowingTree, calibrate, grow, save_grown, sibling_affinity  # noqa: E402
 from splitnet.train import evaluate_models  # noqa: E402
 
 NEW = "people,reptiles,small_mammals,trees"  # 4 superclasses: the 20 classes the tree grows by
@@ -124,10 +127,28 @@ def _flops(tree, trainable: str) -> dict:
     return {"forward": forward, "per_train_image": forward + 2 * trained}
 
 
-def grow_route(g: Growth, init: str, replay: int, trainable: str = "new") -> dict:
-    """tree-80 grown by the new classes: the new subtree alone trained (``new``), or every weight (``all``)."""
+def _per_class(data: ImageArrays, sizes: list[int], seed: int) -> list[np.ndarray]:
+    """Consecutive disjoint per-class samples of ``data`` (``sizes[i]`` images of every class, then the
+    rest), the first as ``ImageArrays.subset(sizes[0], seed)`` draws it."""
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in range(len(sizes) + 1)]
+    for c in range(len(data.class_names)):
+        perm = rng.permutation(np.flatnonzero(data.labels == c))
+        for i, edge in enumerate(np.split(perm, np.cumsum(sizes))):
+            parts[i].append(edge)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _take(data: ImageArrays, index: np.ndarray, offset: int = 0, names=None) -> ImageArrays:
+    return ImageArrays(data.images[index], data.labels[index] + offset, names or data.class_names, None, None)
+
+
+def grow_route(g: Growth, init: str, replay: int, trainable: str = "new", held_out: int = 0) -> dict:
+    """tree-80 grown by the new classes: the new subtree alone trained (``new``), or every weight (``all``);
+    ``held_out`` > 0: that many images per class (new ones held out of training) calibrate the new logits."""
     a = g.args
-    name = f"grow-{init}-k{replay}" if trainable == "new" else f"finetune-all-k{replay}"
+    name = (f"grow-{init}-k{replay}" + (f"-c{held_out}" if held_out else "") if trainable == "new"
+            else f"finetune-all-k{replay}")
     done = g.work / f"{name}.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -138,17 +159,24 @@ def grow_route(g: Growth, init: str, replay: int, trainable: str = "new") -> dic
     affinity = sibling_affinity(tree, iterate_batches(g.new_train, 500, train=False), max_batches=4)
     like = max(range(len(affinity)), key=affinity.__getitem__)
     grown = grow(tree, [g.b100.train.class_names[c] for c in g.new], like=like, init=init)
-    new = ImageArrays(g.new_train.images, g.new_train.labels + len(g.old), g.order, None, None)
-    data = _concat(g.old_train.subset(replay, seed=a.seed), new) if replay else new
+    calibrate_new, train_new = _per_class(g.new_train, [held_out], a.seed)
+    replayed, calibrate_old, _ = _per_class(g.old_train, [replay, held_out], a.seed)
+    new = _take(g.new_train, train_new, len(g.old), g.order)
+    data = _concat(_take(g.old_train, replayed), new) if replay else new
     model = (GrowingTree(grown) if trainable == "new" else grown.train()).to(memory_format=torch.channels_last)
     bench = copy.copy(g.b80)  # its epoch loop (a checkpoint per epoch) over the growth's images
     bench.train, bench.steps_per_epoch, bench.work = data, max(len(data) // BATCH, 1), g.work
     hist = bench.epochs(name, model, a.grow_epochs, seed=a.seed + 3)  # SGD over the trainable weights only
     grown.eval()
+    calibration = None
+    if held_out:
+        before = g.score({"grown": grown})["grown"]
+        held = _concat(_take(g.old_train, calibrate_old), _take(g.new_train, calibrate_new, len(g.old), g.order))
+        calibration = {**calibrate(grown, iterate_batches(held, 500, train=False)), "top1_before": before}
     scores = g.score({"grown": grown})["grown"]
     images = sum(h["images"] for h in hist)
     result = {"route": name, "init": init, "replay": replay, "trainable": trainable, "like": like,
-              "affinity": affinity, "top1": scores, "images": images,
+              "affinity": affinity, "top1": scores, "images": images, "calibration": calibration,
               "flops": images * _flops(grown, trainable)["per_train_image"],
               "seconds": sum(h["seconds"] for h in hist), "history": hist}
     if trainable == "new":
@@ -217,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grow-epochs", type=int, default=5)
     ap.add_argument("--replay", default="0,20,50", help="old-class images replayed per class (the grow routes)")
     ap.add_argument("--inits", default="sibling,fresh")
+    ap.add_argument("--calibrate", default="0,20", help="held-out images per class calibrating the new logits "
+                    "(0: none; the grow routes)")
     ap.add_argument("--per-class", type=int, default=0)
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
     ap.add_argument("--threads", type=int, default=0)
@@ -236,10 +266,11 @@ def main(argv=None) -> int:
 
     g = Growth(args, log)
     routes = tree_routes(g)
-    for replay in [int(k) for k in args.replay.split(",")]:
-        for init in args.inits.split(","):
-            r = grow_route(g, init, replay)
-            routes[r["route"]] = r
+    for held_out in [int(c) for c in args.calibrate.split(",")]:
+        for replay in [int(k) for k in args.replay.split(",")]:
+            for init in args.inits.split(","):
+                r = grow_route(g, init, replay, held_out=held_out)
+                routes[r["route"]] = r
     r = grow_route(g, "sibling", max(int(k) for k in args.replay.split(",")), trainable="all")
     routes[r["route"]] = r
     result = {"routes": routes, "settings": vars(args), "cpu": platform.processor() or platform.machine(),

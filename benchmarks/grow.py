@@ -16,6 +16,8 @@ Routes (plain PyTorch in one process, the data in memory, the pipeline's recipe 
 * ``finetune-all-kK``: the same grown tree with every weight trainable, on the same images and epochs:
   the forgetting route.
 
+A route trained for another ``--grow-epochs`` than 5 is named with ``-eN``.
+
 Per route: top-1 on all 100 classes (100-way), on the old 80 (and ``tree-80``'s own before growing)
 and on the new 20; compute as images seen and as FLOPs (forward of every layer run, plus 2x forward of
 the trainable ones for the backward), against retraining's; wall time. Resumable (each route checkpoints
@@ -50,6 +52,7 @@ from splitnet.grow import GrowingTree, calibrate, grow, save_grown, sibling_affi
 from splitnet.train import evaluate_models  # noqa: E402
 
 NEW = "people,reptiles,small_mammals,trees"  # 4 superclasses: the 20 classes the tree grows by
+GROW_EPOCHS = 5  # the default --grow-epochs (routes trained for another number are named -eN)
 
 
 def _concat(a: ImageArrays, b: ImageArrays) -> ImageArrays:
@@ -147,8 +150,8 @@ def grow_route(g: Growth, init: str, replay: int, trainable: str = "new", held_o
     """tree-80 grown by the new classes: the new subtree alone trained (``new``), or every weight (``all``);
     ``held_out`` > 0: that many images per class (new ones held out of training) calibrate the new logits."""
     a = g.args
-    name = (f"grow-{init}-k{replay}" + (f"-c{held_out}" if held_out else "") if trainable == "new"
-            else f"finetune-all-k{replay}")
+    name = ((f"grow-{init}-k{replay}" + (f"-c{held_out}" if held_out else "") if trainable == "new"
+             else f"finetune-all-k{replay}") + (f"-e{a.grow_epochs}" if a.grow_epochs != GROW_EPOCHS else ""))
     done = g.work / f"{name}.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -168,16 +171,18 @@ def grow_route(g: Growth, init: str, replay: int, trainable: str = "new", held_o
     bench.train, bench.steps_per_epoch, bench.work = data, max(len(data) // BATCH, 1), g.work
     hist = bench.epochs(name, model, a.grow_epochs, seed=a.seed + 3)  # SGD over the trainable weights only
     grown.eval()
-    calibration = None
+    calibration, calibration_images = None, 0
     if held_out:
         before = g.score({"grown": grown})["grown"]
         held = _concat(_take(g.old_train, calibrate_old), _take(g.new_train, calibrate_new, len(g.old), g.order))
         calibration = {**calibrate(grown, iterate_batches(held, 500, train=False)), "top1_before": before}
+        calibration_images = len(held)
     scores = g.score({"grown": grown})["grown"]
     images = sum(h["images"] for h in hist)
     result = {"route": name, "init": init, "replay": replay, "trainable": trainable, "like": like,
               "affinity": affinity, "top1": scores, "images": images, "calibration": calibration,
-              "flops": images * _flops(grown, trainable)["per_train_image"],
+              "flops": images * _flops(grown, trainable)["per_train_image"]  # + the calibration's forward passes
+                       + calibration_images * _flops(grown, trainable)["forward"],
               "seconds": sum(h["seconds"] for h in hist), "history": hist}
     if trainable == "new":
         save_grown(grown, parent, g.work / name / "tree")
@@ -242,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--base-epochs", type=int, default=5)
     ap.add_argument("--group-epochs", type=int, default=3)
-    ap.add_argument("--grow-epochs", type=int, default=5)
+    ap.add_argument("--grow-epochs", type=int, default=GROW_EPOCHS)
     ap.add_argument("--replay", default="0,20,50", help="old-class images replayed per class (the grow routes)")
     ap.add_argument("--inits", default="sibling,fresh")
     ap.add_argument("--calibrate", default="0,20", help="held-out images per class calibrating the new logits "

@@ -122,6 +122,7 @@ def cmd_grow(args) -> int:
 
     out = args.out or args.run_dir.rstrip("/") + "-grown"
     overrides = list(args.overrides) + ([f"grow.replay={args.replay}"] if args.replay is not None else []) \
+        + ([f"grow.calibrate={args.calibrate}"] if args.calibrate is not None else []) \
         + ([f"grow.init={args.init}"] if args.init else [])
     try:  # the parent and the settings, before anything is written (the new run dir's logs included)
         grow_config(RunDir(args.run_dir), args.source, out, overrides)
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="NEW_SOURCE", help="the new classes' images, in any layout `splitnet prepare` reads")
     p.add_argument("--replay", type=int, default=None, metavar="K",
                    help="old-class images per class replayed from the run's shards (default: grow.replay, 20; 0 warns)")
+    p.add_argument("--calibrate", type=int, default=None, metavar="C",
+                   help="held-out images per class, old and new, the new logits' scale and shift are fitted on "
+                        "(default: grow.calibrate, 20; 0: none)")
     p.add_argument("--init", choices=("sibling", "fresh"), default=None,
                    help="the new subtree starts from its most similar sibling's weights (default) or fresh")
     p.add_argument("--out", default=None, metavar="NEW_RUN_DIR", help="the grown run's dir (default RUN_DIR-grown)")

@@ -76,3 +76,27 @@ def test_bad_input_one_line_exit_2(args, fragment):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_grow_flags_become_the_grow_settings(tmp_path, monkeypatch):
+    """``splitnet grow RUN_DIR NEW --replay K --calibrate C --init I key=value``: the flags reach the
+    grown run's config as grow.replay / grow.calibrate / grow.init, after the overrides."""
+    import shutil
+
+    from pipelines import cli, grow
+    from pipelines.rundir import RunDir
+
+    parent = tmp_path / "run"
+    (parent / "tree").mkdir(parents=True)
+    (parent / "tree" / "manifest.yaml").write_text("{}")
+    shutil.copy(ROOT / "pipelines/configs/demo.yaml", parent / "config.yaml")
+    seen = {}
+    monkeypatch.setattr(cli, "_pipeline", lambda out, name, verbose, job: seen.update(out=out) or 0)
+    monkeypatch.setattr(grow, "grow_config", lambda rd, source, out, overrides: seen.update(overrides=overrides))
+    argv = ["grow", str(parent), str(tmp_path / "new"), "--replay", "7", "--calibrate", "0", "--init", "fresh", "grow.epochs=2"]
+    assert cli.main(argv) == 0
+    assert seen == {"out": str(parent) + "-grown",
+                    "overrides": ["grow.epochs=2", "grow.replay=7", "grow.calibrate=0", "grow.init=fresh"]}
+    monkeypatch.undo()  # the real grow_config: the overrides make the grown run's config
+    cfg = grow.grow_config(RunDir(str(parent)), str(tmp_path / "new"), str(tmp_path / "out"), seen["overrides"])
+    assert (cfg.grow.replay, cfg.grow.calibrate, cfg.grow.init, cfg.grow.epochs) == (7, 0, "fresh", 2)

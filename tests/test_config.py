@@ -101,6 +101,8 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["finetune.distill=baseline", "baseline.enabled=false", "group.init=scratch", "group.warmup=0.2"],
      "finetune.distill: baseline, but baseline.enabled is false"),
     (["control.epochs=3"], "unknown key control.epochs"),
+    (["grow.replay=-1"], "grow.replay: must be >= 0, got -1"),
+    (["grow.calibrate=-5"], "grow.calibrate: must be >= 0, got -5"),
 ])
 def test_bad_values_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as err:

@@ -194,8 +194,8 @@ class GrowStageConfig(StageConfig):
     # trained with the trunk and the old subtrees frozen, in one softmax with the old subtrees' logits
     epochs: int = 5
     # old-class images replayed per class from the run's shards, mixed with the new classes' images:
-    # what teaches the new subtree not to claim old images (0: none, and its probabilities are not
-    # calibrated against the old classes')
+    # what teaches the new subtree's features which images are not its own (0: none; the calibration
+    # below then alone keeps it from claiming old images)
     replay: int = 20
     init: str = "sibling"          # sibling: start from the most similar subtree's weights | fresh
     # held-out images per class, old and new, on which the new logits' scale and shift are fitted after

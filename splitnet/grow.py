@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 from .artifacts import MANIFEST, read_manifest, save_tree, sha256_file
 from .tree import SplitTree, leaves, sibling_copy
 

@@ -24,6 +24,7 @@ import yaml
 
 from splitnet.artifacts import load_tree, read_manifest
 from splitnet.grow import calibrate, save_grown, sibling_affinity
+from splitnet.tree import leaves
 from splitnet.train import evaluate_models
 
 from .config import ConfigError, PipelineConfig, apply_overrides, from_dict, to_dict
@@ -189,7 +190,8 @@ def grow_run(parent_dir: str, source: str, out: str | None = None, overrides: li
             f"{source}, into {rd.display()}; {where}")
         state = _check_run_dir(rd, cfg, log)
         # the new images are normalized as the tree's were (the parent's statistics, not the new data's)
-        info = dataclasses.replace(_prepare(cfg, rd, state, log), mean=parent_info.mean, std=parent_info.std)
+        info = dataclasses.replace(_prepare(cfg, rd, state, log, min_classes=1),  # a tree may grow by one class
+                                   mean=parent_info.mean, std=parent_info.std)
         clash = sorted(set(info.class_names) & set(parent_info.class_names))
         if clash:
             raise PipelineError(f"{source}: class {clash[0]!r} is already in the tree ({len(clash)} of the new classes "
@@ -210,6 +212,10 @@ def grow_run(parent_dir: str, source: str, out: str | None = None, overrides: li
             rd.write_json("state.json", state)
         samples = plan["samples"]
         like = plan["like"]
+        n_leaves = len(leaves(parent_tree.subtrees[like]))
+        if info.num_classes < n_leaves:  # the new subtree is shaped as its sibling: a class per leaf at least
+            raise PipelineError(f"{source}: {info.num_classes} new class(es) cannot fill the {n_leaves} leaves of "
+                                f"subtree {like}, the one the new images are most like; grow by {n_leaves} or more")
         log(f"[grow] the new subtree is shaped as subtree {like} (the new images' probability mass per subtree: "
             + ", ".join(f"{a:.2f}" for a in plan["affinity"]) + f"), init {g.init}")
         held_out = min(g.calibrate * info.num_classes, int(info.train_records * HELD_OUT_SHARE)) if g.calibrate else 0
@@ -235,7 +241,8 @@ def grow_run(parent_dir: str, source: str, out: str | None = None, overrides: li
         rd.write_json("grow.json", result)
         _mark(rd, state, "evaluate", metrics, 0.0)
         log(collect_bad_records(rd, info))
-        log(f"[grow] {len(info.class_names)} classes added as subtree {len(grown_tree.subtrees) - 1}: top-1 on the old "
+        n_new = len(info.class_names)
+        log(f"[grow] {n_new} class{'es' if n_new > 1 else ''} added as subtree {len(grown_tree.subtrees) - 1}: top-1 on the old "
             f"classes {metrics['old']:.3f} (before {metrics['old_before']:.3f}), on the new {metrics['new']:.3f}, "
             f"on all {metrics['all']:.3f}; tree: {rd.display('tree')}")
         return result

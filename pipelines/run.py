@@ -196,7 +196,7 @@ def _class_table(uri: str) -> list[dict]:
         raise PipelineError(str(e)) from None
 
 
-def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
+def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log, min_classes: int = 2) -> DataInfo:
     d = cfg.data
     if _done(state, "prepare"):
         info = DataInfo(**state["stages"]["prepare"]["result"]["data"])
@@ -242,7 +242,8 @@ def _prepare(cfg: PipelineConfig, rd: RunDir, state: dict, log) -> DataInfo:
         try:
             summary = prepare(source, shards, fmt=d.format, shard_size=d.shard_size, seed=cfg.seed,
                               on_bad_record=d.on_bad_record, max_pixels=d.max_pixels, per_class=limits,
-                              parents=d.parents or None, classes=d.classes or None, log=log)
+                              parents=d.parents or None, classes=d.classes or None, log=log,
+                              min_classes=min_classes)
         except PrepareError as e:
             raise PipelineError(str(e)) from None
     table = _class_table(shards)

@@ -181,6 +181,16 @@ def test_ambiguous_layouts_are_refused_naming_the_folder(tmp_path, case, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_the_classes_a_tree_grows_by_may_be_one(tmp_path):
+    """A training source needs two classes; ``splitnet grow`` lists its source with min_classes=1."""
+    _single_class_in_splits(tmp_path / "one")
+    src = list_source(tmp_path / "one", min_classes=1)
+    assert src.classes == ["cat"] and len(src.items["train"]) == 2 and len(src.items["test"]) == 1
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ValueError, match="not a CIFAR-100 folder"):  # no class at all: not a source
+        list_source(tmp_path / "none", min_classes=1)
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

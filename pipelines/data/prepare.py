@@ -161,7 +161,7 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
             validate: str = "header", on_bad_record: str = "skip", max_pixels: int = DEFAULT_MAX_PIXELS,
             concurrency: int | None = None, per_class: dict[str, int] | int | None = None,
             parents: str | os.PathLike | None = None, classes: list[str] | None = None,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, min_classes: int = 2) -> dict:
     """Convert ``source`` into shards under ``out``; returns the summary (also ``out/prepare.json``).
 
     Every split of the source gets its own shards (``train-00000.parquet``, ``val-...``,
@@ -182,7 +182,7 @@ def prepare(source: str, out: str, fmt: str = "parquet", shard_size: int = 1000,
         raise PrepareError(f"invalid --on-bad-record {on_bad_record!r}: use {' or '.join(ON_BAD_RECORD)}")
     t0 = time.perf_counter()
     try:
-        src = list_source(source)
+        src = list_source(source, min_classes)
         if parents:
             src.parents = read_parents(parents, src.classes)
         if classes:

@@ -196,10 +196,11 @@ def list_class_folders(folder: Path, split: str | None = None) -> tuple[dict[str
     return classes, skipped
 
 
-def _check_class_count(root: Path, classes: list[str]) -> None:
-    if len(classes) < 2:
+def _check_class_count(root: Path, classes: list[str], min_classes: int = 2) -> None:
+    if len(classes) < min_classes:
         raise LayoutError(f"{root}: a single class ({classes[0] if classes else 'none'}): a classifier needs at least "
-                          "2; point at the folder that holds the class folders")
+                          "2; point at the folder that holds the class folders" if classes else
+                          f"{root}: no class folders with images")
 
 
 def _items_of(split: str, classes: list[str], files: dict[str, list[Path]], prefix: str) -> list[Item]:
@@ -222,7 +223,7 @@ def _skipped_warning(root: Path, skipped: list[Path]) -> list[str]:
     return [f"{len(skipped)} file(s) without an image extension skipped (e.g. {skipped[0].relative_to(root)})"]
 
 
-def _list_split_folders(root: Path) -> Source:
+def _list_split_folders(root: Path, min_classes: int = 2) -> Source:
     """``root/<split>/<class>/*``: one class table for every split (train's classes, sorted)."""
     per_split, skipped = {}, []
     folders = _split_folders(root)
@@ -243,13 +244,14 @@ def _list_split_folders(root: Path) -> Source:
         if missing:
             warnings.append(f"{split}: {len(missing)} of train's {len(classes)} classes have no images there "
                             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); they are not scored on it")
-    _check_class_count(root, classes)
+    _check_class_count(root, classes, min_classes)
     items = {split: _items_of(split, classes, files, f"{split}/") for split, files in per_split.items()}
     return Source("imagefolder-splits", str(root), classes, items, warnings=warnings)
 
 
-def list_source(root: str | os.PathLike) -> Source:
-    """List every image of ``root`` (any supported layout) without reading pixels."""
+def list_source(root: str | os.PathLike, min_classes: int = 2) -> Source:
+    """List every image of ``root`` (any supported layout) without reading pixels. ``min_classes``: a
+    training source needs 2 classes; the classes a tree grows by may be one (``splitnet grow``)."""
     kind = detect(root)
     root = Path(root)
     if kind == "cifar100":
@@ -271,7 +273,7 @@ def list_source(root: str | os.PathLike) -> Source:
                             for i, lab in enumerate(labels.tolist())]
         return Source(kind, str(root), classes, items, parents)
     if kind == "imagefolder-splits":
-        return _list_split_folders(root)
+        return _list_split_folders(root, min_classes)
     if kind in ("ilsvrc2012", "ilsvrc2012-kaggle"):
         from .ilsvrc import list_kaggle, list_release
 
@@ -283,12 +285,12 @@ def list_source(root: str | os.PathLike) -> Source:
             raise LayoutError(f"{root}: the folders {', '.join(c + '/' for c in classes)} are named like splits but "
                               f"hold images directly: use {root}/<split>/<class>/*.jpg (or, for a single split, "
                               f"{root}/<class>/*.jpg)")
-        _check_class_count(root, classes)
+        _check_class_count(root, classes, min_classes)
         return Source(kind, str(root), classes, {"train": _items_of("train", classes, files, "")},
                       warnings=_skipped_warning(root, skipped))
     tars = sorted(p for p in root.iterdir() if p.suffix == ".tar" and p.name[:1] == "n")
     classes = [p.stem for p in tars]
-    _check_class_count(root, classes)
+    _check_class_count(root, classes, min_classes)
     items = []
     for label, tar_path in enumerate(tars):
         with tarfile.open(tar_path, "r:") as tf:  # headers only: offsets let writers seek straight to the bytes

@@ -190,8 +190,9 @@ def class_samples(uri: str, sizes: list[int], split: str = "train", subset: str 
 
 
 def rest(samples: list[dict[int, list[int]]]) -> dict[int, list[int]] | None:
-    """Every record of a class not in ``samples`` (as :func:`class_samples` drew them): the range above
-    their highest hash. None where no class was sampled (keep every record)."""
+    """Every record not in ``samples`` (as :func:`class_samples` drew them) of the classes they sampled:
+    the range above their highest hash (a class no sample holds keeps no record: draw every class). None
+    where no class was sampled (read without a sample: every record)."""
     top: dict[int, int] = {}
     for sample in samples:
         for label, (_, high) in sample.items():

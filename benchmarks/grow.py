@@ -252,6 +252,8 @@ def main(argv=None) -> int:
     ap.add_argument("--inits", default="sibling,fresh")
     ap.add_argument("--calibrate", default="0,20", help="held-out images per class calibrating the new logits "
                     "(0: none; the grow routes)")
+    ap.add_argument("--finetune-all", type=int, default=1, choices=(0, 1),
+                    help="1: also the forgetting route (every weight trained, the largest replay)")
     ap.add_argument("--per-class", type=int, default=0)
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
     ap.add_argument("--threads", type=int, default=0)
@@ -276,8 +278,9 @@ def main(argv=None) -> int:
             for init in args.inits.split(","):
                 r = grow_route(g, init, replay, held_out=held_out)
                 routes[r["route"]] = r
-    r = grow_route(g, "sibling", max(int(k) for k in args.replay.split(",")), trainable="all")
-    routes[r["route"]] = r
+    if args.finetune_all:
+        r = grow_route(g, "sibling", max(int(k) for k in args.replay.split(",")), trainable="all")
+        routes[r["route"]] = r
     result = {"routes": routes, "settings": vars(args), "cpu": platform.processor() or platform.machine(),
               "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
     out = Path(args.out or work / "grow.json")

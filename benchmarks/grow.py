@@ -16,14 +16,15 @@ Routes (plain PyTorch in one process, the data in memory, the pipeline's recipe 
 * ``finetune-all-kK``: the same grown tree with every weight trainable, on the same images and epochs:
   the forgetting route.
 
-A route trained for another ``--grow-epochs`` than 5 is named with ``-eN``.
+A route trained for another ``--grow-epochs`` than 5 is named with ``-eN`` (the default is the pipeline's
+``grow.epochs``, 10).
 
 Per route: top-1 on all 100 classes (100-way), on the old 80 (and ``tree-80``'s own before growing)
 and on the new 20; compute as images seen and as FLOPs (forward of every layer run, plus 2x forward of
 the trainable ones for the backward), against retraining's; wall time. Resumable (each route checkpoints
 every epoch under ``--work``); ``--out`` gets the JSON and a table is printed.
 
-    python benchmarks/grow.py --threads 1                          # the full comparison (~1 h of 1 core)
+    python benchmarks/grow.py --threads 1                          # the full comparison (~1.5 h of 1 core)
     python benchmarks/grow.py --per-class 50 --epochs 3 --base-epochs 1 --group-epochs 1 --grow-epochs 1 \\
         --replay 0,5 --work /tmp/grow-smoke                         # a smoke run
 """
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pareto import BATCH, Bench, finetuned_tree, group_route  # noqa: E402
+from pipelines.config import GrowStageConfig  # noqa: E402
 from splitnet.accounting import model_cost, tree_cost  # noqa: E402
 from splitnet.artifacts import load_tree  # noqa: E402
 from splitnet.datasets import ImageArrays, iterate_batches  # noqa: E402
@@ -52,7 +54,7 @@ from splitnet.grow import GrowingTree, calibrate, grow, save_grown, sibling_affi
 from splitnet.train import evaluate_models  # noqa: E402
 
 NEW = "people,reptiles,small_mammals,trees"  # 4 superclasses: the 20 classes the tree grows by
-GROW_EPOCHS = 5  # the default --grow-epochs (routes trained for another number are named -eN)
+NAMED_EPOCHS = 5  # routes trained for another number of growth epochs are named -eN
 
 
 def _concat(a: ImageArrays, b: ImageArrays) -> ImageArrays:
@@ -151,7 +153,7 @@ def grow_route(g: Growth, init: str, replay: int, trainable: str = "new", held_o
     ``held_out`` > 0: that many images per class (new ones held out of training) calibrate the new logits."""
     a = g.args
     name = ((f"grow-{init}-k{replay}" + (f"-c{held_out}" if held_out else "") if trainable == "new"
-             else f"finetune-all-k{replay}") + (f"-e{a.grow_epochs}" if a.grow_epochs != GROW_EPOCHS else ""))
+             else f"finetune-all-k{replay}") + (f"-e{a.grow_epochs}" if a.grow_epochs != NAMED_EPOCHS else ""))
     done = g.work / f"{name}.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--base-epochs", type=int, default=5)
     ap.add_argument("--group-epochs", type=int, default=3)
-    ap.add_argument("--grow-epochs", type=int, default=GROW_EPOCHS)
+    ap.add_argument("--grow-epochs", type=int, default=GrowStageConfig.epochs, help="default: the pipeline's grow.epochs")
     ap.add_argument("--replay", default="0,20,50", help="old-class images replayed per class (the grow routes)")
     ap.add_argument("--inits", default="sibling,fresh")
     ap.add_argument("--calibrate", default="0,20", help="held-out images per class calibrating the new logits "

@@ -189,6 +189,9 @@ def grow_run(parent_dir: str, source: str, out: str | None = None, overrides: li
         log(f"splitnet grow: the tree of {parent.display()} ({parent_info.num_classes} classes) by the classes of "
             f"{source}, into {rd.display()}; {where}")
         state = _check_run_dir(rd, cfg, log)
+        if _done(state, "evaluate") and rd.exists("grow.json"):  # a finished grown run: its result, nothing read again
+            log(f"[grow] done earlier, skipped: {rd.display('grow.json')}")
+            return rd.read_json("grow.json")
         # the new images are normalized as the tree's were (the parent's statistics, not the new data's)
         info = dataclasses.replace(_prepare(cfg, rd, state, log, min_classes=1),  # a tree may grow by one class
                                    mean=parent_info.mean, std=parent_info.std)

@@ -92,8 +92,9 @@ def test_grow_adds_a_subtree_and_leaves_the_parent_as_it_was(parent_run, new_sou
     assert fit["classes"] == len(samples["calibrate_old"]) + 1 and len(samples["calibrate_old"]) >= parent_m["num_classes"] - 2
     # re-running the command resumes: nothing trains again, the same tree is there
     lines.clear()
-    grow_run(str(parent_run), str(new_source), str(tmp_path / "grown"), GROW + ["grow.replay=2"], log=lines.append)
+    again = grow_run(str(parent_run), str(new_source), str(tmp_path / "grown"), GROW + ["grow.replay=2"], log=lines.append)
     assert any("[grow] done earlier, skipped" in line for line in lines)
+    assert again == json.loads((tmp_path / "grown" / "grow.json").read_text())
     assert read_manifest(tree_dir)["subtrees"][2]["sha256"] == m["subtrees"][2]["sha256"]
 
 

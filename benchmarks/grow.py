@@ -132,20 +132,9 @@ def _flops(tree, trainable: str) -> dict:
     return {"forward": forward, "per_train_image": forward + 2 * trained}
 
 
-def _per_class(data: ImageArrays, sizes: list[int], seed: int) -> list[np.ndarray]:
-    """Consecutive disjoint per-class samples of ``data`` (``sizes[i]`` images of every class, then the
-    rest), the first as ``ImageArrays.subset(sizes[0], seed)`` draws it."""
-    rng = np.random.default_rng(seed)
-    parts = [[] for _ in range(len(sizes) + 1)]
-    for c in range(len(data.class_names)):
-        perm = rng.permutation(np.flatnonzero(data.labels == c))
-        for i, edge in enumerate(np.split(perm, np.cumsum(sizes))):
-            parts[i].append(edge)
-    return [np.sort(np.concatenate(p)) for p in parts]
-
-
-def _take(data: ImageArrays, index: np.ndarray, offset: int = 0, names=None) -> ImageArrays:
-    return ImageArrays(data.images[index], data.labels[index] + offset, names or data.class_names, None, None)
+def _as_new(data: ImageArrays, g: "Growth") -> ImageArrays:
+    """New-class images labelled as the grown tree numbers them (after the old classes)."""
+    return ImageArrays(data.images, data.labels + len(g.old), g.order, None, None)
 
 
 def grow_route(g: Growth, init: str, replay: int, trainable: str = "new", held_out: int = 0) -> dict:
@@ -164,10 +153,9 @@ def grow_route(g: Growth, init: str, replay: int, trainable: str = "new", held_o
     affinity = sibling_affinity(tree, iterate_batches(g.new_train, 500, train=False), max_batches=4)
     like = max(range(len(affinity)), key=affinity.__getitem__)
     grown = grow(tree, [g.b100.train.class_names[c] for c in g.new], like=like, init=init)
-    calibrate_new, train_new = _per_class(g.new_train, [held_out], a.seed)
-    replayed, calibrate_old, _ = _per_class(g.old_train, [replay, held_out], a.seed)
-    new = _take(g.new_train, train_new, len(g.old), g.order)
-    data = _concat(_take(g.old_train, replayed), new) if replay else new
+    calibrate_new, new = (_as_new(d, g) for d in g.new_train.split_per_class([held_out], a.seed))
+    replayed, calibrate_old, _ = g.old_train.split_per_class([replay, held_out], a.seed)
+    data = _concat(replayed, new) if replay else new
     model = (GrowingTree(grown) if trainable == "new" else grown.train()).to(memory_format=torch.channels_last)
     bench = copy.copy(g.b80)  # its epoch loop (a checkpoint per epoch) over the growth's images
     bench.train, bench.steps_per_epoch, bench.work = data, max(len(data) // BATCH, 1), g.work
@@ -176,7 +164,7 @@ def grow_route(g: Growth, init: str, replay: int, trainable: str = "new", held_o
     calibration, calibration_images = None, 0
     if held_out:
         before = g.score({"grown": grown})["grown"]
-        held = _concat(_take(g.old_train, calibrate_old), _take(g.new_train, calibrate_new, len(g.old), g.order))
+        held = _concat(calibrate_old, calibrate_new)
         calibration = {**calibrate(grown, iterate_batches(held, 500, train=False)), "top1_before": before}
         calibration_images = len(held)
     scores = g.score({"grown": grown})["grown"]

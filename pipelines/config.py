@@ -54,6 +54,11 @@ class DataConfig:
     download: bool = False         # CIFAR-100 only: fetch with torchvision when `source` has no copy
     parents: str = ""              # class<TAB>parent TSV (local file): the classes' parents the report scores groups against
 
+    @property
+    def train_val_fraction(self) -> float:
+        """The share of train held out for validation: ``val_fraction``, or none with an ``eval_split``."""
+        return 0.0 if self.eval_split else self.val_fraction
+
 
 @dataclass
 class ModelConfig:

@@ -69,7 +69,7 @@ def _parent_info(parent: RunDir) -> DataInfo:
 def _affinity(tree, cfg: PipelineConfig, info: DataInfo) -> list[float]:
     """The tree's :func:`~splitnet.grow.sibling_affinity` on up to AFFINITY_IMAGES new training images."""
     d = cfg.data
-    ds = read_dataset(info.shards, split="train", subset="train", val_fraction=0.0 if d.eval_split else d.val_fraction,
+    ds = read_dataset(info.shards, split="train", subset="train", val_fraction=d.train_val_fraction,
                       decode=DecodeConfig(image_size=d.image_size, num_classes=info.num_classes, max_pixels=d.max_pixels),
                       seed=cfg.seed, shuffle_files=False, concurrency=1, num_cpus=d.decode_cpus, log_name=None)
     batch = ds.take_batch(AFFINITY_IMAGES, batch_format="numpy")
@@ -92,17 +92,17 @@ def _datasets(cfg: PipelineConfig, parent_cfg: PipelineConfig, parent: DataInfo,
                             on_bad_record=d.on_bad_record)
 
     def train_split(shards, conf, classes, augment, sample, offset=0, shuffle=True):
-        return read_dataset(shards, split="train", subset="train", val_fraction=0.0 if conf.eval_split else conf.val_fraction,
+        return read_dataset(shards, split="train", subset="train", val_fraction=conf.train_val_fraction,
                             decode=decode(classes, augment), seed=cfg.seed, sample=sample, label_offset=offset,
                             shuffle_files=shuffle, **common)
 
     out = {}
     if "val_new" in parts or "train" in parts:
         out["val_new"] = read_dataset(new.shards, split=new.eval_split, subset=new.eval_subset,
-                                      val_fraction=0.0 if d.eval_split else d.val_fraction, decode=decode(new.num_classes, False),
+                                      val_fraction=d.train_val_fraction, decode=decode(new.num_classes, False),
                                       seed=cfg.seed, shuffle_files=False, label_offset=n_old, **common)
         out["val_old"] = read_dataset(parent.shards, split=parent.eval_split, subset=parent.eval_subset,
-                                      val_fraction=0.0 if pd.eval_split else pd.val_fraction, decode=decode(n_old, False),
+                                      val_fraction=pd.train_val_fraction, decode=decode(n_old, False),
                                       seed=cfg.seed, shuffle_files=False, **common)
     if "train" in parts:
         held_out = samples.get("calibrate_new")
@@ -122,9 +122,10 @@ def _draw_samples(cfg: PipelineConfig, parent_cfg: PipelineConfig, parent: DataI
     """The per-class samples, drawn once per grown run from the shards' keys: the replay and the old
     classes' calibration images (disjoint), the new classes' held-out calibration images."""
     g = cfg.grow
-    val = lambda conf: 0.0 if conf.eval_split else conf.val_fraction  # noqa: E731
-    replay, calibrate_old = class_samples(parent.shards, [g.replay, g.calibrate], val_fraction=val(parent_cfg.data))
-    [calibrate_new] = class_samples(new.shards, [g.calibrate], val_fraction=val(cfg.data), max_share=HELD_OUT_SHARE)
+    replay, calibrate_old = class_samples(parent.shards, [g.replay, g.calibrate],
+                                          val_fraction=parent_cfg.data.train_val_fraction)
+    [calibrate_new] = class_samples(new.shards, [g.calibrate], val_fraction=cfg.data.train_val_fraction,
+                                    max_share=HELD_OUT_SHARE)
     out = {"replay": replay}
     if g.calibrate:
         missing = [new.class_names[c] for c in range(new.num_classes) if c not in calibrate_new]

@@ -311,7 +311,7 @@ class DecodedCache:
             d, info = self.cfg.data, self.info
             split, subset = ("train", "train") if which == "train" else (info.eval_split, info.eval_subset)
             self.datasets[which] = cached_decoded(
-                info.shards, split=split, subset=subset, val_fraction=0.0 if d.eval_split else d.val_fraction,
+                info.shards, split=split, subset=subset, val_fraction=d.train_val_fraction,
                 decode=_decode_config(self.cfg, info, train=False), seed=self.cfg.seed,
                 concurrency=d.decode_actors, num_cpus=d.decode_cpus)
             if self.log and len(self.datasets) == 1:
@@ -339,11 +339,11 @@ def _datasets(cfg: PipelineConfig, info: DataInfo, train: bool, epoch_seed: int 
                 seed=ray.data.RandomSeedConfig(seed=cfg.seed + epoch_seed, reseed_after_execution=True))
         else:
             out["train"] = read_dataset(info.shards, split="train", subset="train",
-                                        val_fraction=0.0 if d.eval_split else d.val_fraction,
+                                        val_fraction=d.train_val_fraction,
                                         decode=_decode_config(cfg, info, train=True), seed=cfg.seed + epoch_seed, **common)
     cached = cache.get("val") if cache else None
     out["val"] = cached if cached is not None else read_dataset(
-        info.shards, split=info.eval_split, subset=info.eval_subset, val_fraction=0.0 if d.eval_split else d.val_fraction,
+        info.shards, split=info.eval_split, subset=info.eval_subset, val_fraction=d.train_val_fraction,
         decode=_decode_config(cfg, info, train=False), seed=cfg.seed, shuffle_files=False, **common)
     return out
 

@@ -40,10 +40,21 @@ class ImageArrays:
         """At most ``per_class`` images of every class (deterministic for a seed)."""
         if per_class is None:
             return self
+        return self.split_per_class([per_class], seed)[0]
+
+    def split_per_class(self, sizes: list[int], seed: int = 0) -> list["ImageArrays"]:
+        """Consecutive disjoint per-class samples: ``sizes[i]`` images of every class (fewer where a class
+        runs out), then every image left, ``len(sizes) + 1`` parts in all (deterministic for a seed; the
+        first is ``subset(sizes[0], seed)``)."""
         rng = np.random.default_rng(seed)
-        keep = np.concatenate([rng.permutation(np.flatnonzero(self.labels == c))[:per_class]
-                               for c in range(len(self.class_names))])
-        keep.sort()
+        parts: list[list[np.ndarray]] = [[] for _ in range(len(sizes) + 1)]
+        for c in range(len(self.class_names)):
+            perm = rng.permutation(np.flatnonzero(self.labels == c))
+            for i, part in enumerate(np.split(perm, np.cumsum(sizes))):
+                parts[i].append(part)
+        return [self._take(np.sort(np.concatenate(p))) for p in parts]
+
+    def _take(self, keep: np.ndarray) -> "ImageArrays":
         return ImageArrays(self.images[keep], self.labels[keep], self.class_names,
                            None if self.coarse_labels is None else self.coarse_labels[keep], self.coarse_names)
 

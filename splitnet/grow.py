@@ -154,17 +154,22 @@ def calibration_logits(tree: SplitTree, batches, device="cpu") -> dict:
     return {k: torch.cat(v) for k, v in parts.items()} | {"first": first}
 
 
-def _calibrated_loss(logits: dict, scale, shift) -> torch.Tensor:
-    """Class-balanced cross-entropy (every class present weighs the same) with the new logits
-    ``scale * z + shift`` and the old ones as they are."""
+def _loss_terms(logits: dict) -> dict:
+    """What the loss reads on every L-BFGS step, computed once: float64 logits, which images are of a
+    new class and their column, and the class-balanced weights (every class present weighs the same)."""
     y, first = logits["label"], logits["first"]
-    new = scale * logits["new"].double() + shift
-    lse = torch.logaddexp(logits["old_lse"].double(), new.logsumexp(1))
-    is_new = y >= first
-    target = torch.where(is_new, new.gather(1, (y - first).clamp(min=0)[:, None])[:, 0], logits["old_target"].double())
-    counts = torch.bincount(y)
-    w = 1.0 / counts[y].double()
-    return ((lse - target) * w).sum() / w.sum()
+    w = 1.0 / torch.bincount(y)[y].double()
+    return {"old_lse": logits["old_lse"].double(), "old_target": logits["old_target"].double(),
+            "new": logits["new"].double(), "is_new": y >= first, "column": (y - first).clamp(min=0)[:, None],
+            "weight": w / w.sum()}
+
+
+def _calibrated_loss(terms: dict, scale, shift) -> torch.Tensor:
+    """Class-balanced cross-entropy with the new logits ``scale * z + shift`` and the old ones as they are."""
+    new = scale * terms["new"] + shift
+    lse = torch.logaddexp(terms["old_lse"], new.logsumexp(1))
+    target = torch.where(terms["is_new"], new.gather(1, terms["column"])[:, 0], terms["old_target"])
+    return ((lse - target) * terms["weight"]).sum()
 
 
 def fit_calibration(logits: dict) -> dict:
@@ -173,21 +178,22 @@ def fit_calibration(logits: dict) -> dict:
     y, first = logits["label"], logits["first"]
     if not (y < first).any() or not (y >= first).any():
         raise ValueError("calibration needs held-out images of both old and new classes")
+    terms = _loss_terms(logits)
     p = torch.zeros(2, dtype=torch.float64, requires_grad=True)  # log scale, shift
     opt = torch.optim.LBFGS([p], lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = _calibrated_loss(logits, p[0].exp(), p[1])
+        loss = _calibrated_loss(terms, p[0].exp(), p[1])
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     scale, shift = float(p[0].detach().exp()), float(p[1].detach())
-    before = float(_calibrated_loss(logits, 1.0, 0.0))
-    after = float(_calibrated_loss(logits, scale, shift))
+    before = float(_calibrated_loss(terms, 1.0, 0.0))
+    after = float(_calibrated_loss(terms, scale, shift))
     if not after <= before:  # never worse than leaving the logits alone
         scale, shift, after = 1.0, 0.0, before
     return {"scale": scale, "shift": shift, "loss_before": before, "loss_after": after, "images": int(len(y)),

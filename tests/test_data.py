@@ -524,3 +524,18 @@ def test_class_samples_are_disjoint_sized_and_the_rest_is_everything_else(tmp_pa
     [capped] = class_samples(str(tmp_path), [10], max_share=0.2)  # at most a fifth of each class
     assert [sum(k.startswith(f"c{c}-") for k in members(capped)) for c in counts] == [6, 2, 0]
     assert rest([{}]) is None
+
+
+def test_image_arrays_split_per_class_is_disjoint_and_its_first_part_is_subset():
+    """The in-memory twin of class_samples (benchmarks' replay / calibration / training parts)."""
+    from splitnet.datasets import ImageArrays
+
+    labels = np.repeat(np.arange(3), [10, 6, 2])
+    data = ImageArrays(np.arange(18)[:, None], labels, ["a", "b", "c"], labels // 2, ["x", "y"])
+    first, second, left = data.split_per_class([3, 2], seed=4)
+    assert [np.bincount(p.labels, minlength=3).tolist() for p in (first, second, left)] == [[3, 3, 2], [2, 2, 0], [5, 1, 0]]
+    ids = [set(p.images[:, 0].tolist()) for p in (first, second, left)]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2]) and set.union(*ids) == set(range(18))
+    sub = data.subset(3, seed=4)
+    assert np.array_equal(sub.images, first.images) and np.array_equal(sub.coarse_labels, first.coarse_labels)
+    assert np.array_equal(first.labels, labels[first.images[:, 0]])  # images and labels stay paired

@@ -20,12 +20,16 @@ path with ``group.init: baseline`` (the demo's):
   every seed of ``--distill-seeds`` (for the splits of ``--distill-splits``): distillation's effect at two
   seeds, the grouping shared.
 
-Resumable: each route checkpoints every epoch under ``--work`` (safetensors + JSON); a killed run
-continues where it stopped, a finished route is read back. ``--out`` gets the JSON; a table is
+Resumable: each route checkpoints under ``--work`` (safetensors + JSON) every ``--checkpoint-steps`` steps
+and at every epoch's end; a killed run continues from the step it last saved and ends where an
+uninterrupted run ends; a finished route is read back. ``--workers N`` runs N processes at once on the
+same ``--work`` (one per core is the fastest on a CPU): each takes the next route no other holds (a lock
+file per route), a tree waits for its dense baseline, and the table is printed when all are done. Two
+commands started by hand on the same ``--work`` share it the same way. ``--out`` gets the JSON; a table is
 printed; ``--docs DIR`` also writes ``DIR/pareto.md`` (the table) and ``DIR/pareto.png`` (top-1 against
 weights, one line per family).
 
-    python benchmarks/pareto.py                                   # the full frontier (hours on 2 CPU cores)
+    python benchmarks/pareto.py --workers 2 --threads 1           # the full frontier (hours on 2 CPU cores)
     python benchmarks/pareto.py --table                           # the table of what --work holds
     python benchmarks/pareto.py --superclasses aquatic_mammals,large_carnivores,vehicles_1,vehicles_2 \\
         --widths 1 --tree-widths 1 --splits 2-2-2 --random none --work benchmarks/results/pareto-demo  # the demo's setting
@@ -33,9 +37,15 @@ weights, one line per family).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import functools
+import itertools
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,6 +76,45 @@ def _arch(k: float) -> str:
     return f"wrn-16-{k:g}"
 
 
+def _merge(a: dict | None, b: dict) -> dict:
+    """One epoch's statistics from its parts' (train_one_epoch's means, each over its own images)."""
+    if a is None:
+        return dict(b)
+    n = a["images"] + b["images"]
+    out = {}
+    for k in a.keys() & b.keys() - {"images", "steps", "seconds", "images_per_s"}:
+        parts = [(v, m) for v, m in ((a[k], a["images"]), (b[k], b["images"])) if math.isfinite(v)]  # nan: no term
+        out[k] = sum(v * m for v, m in parts) / max(sum(m for _, m in parts), 1) if parts else float("nan")
+    out.update(images=n, steps=a["steps"] + b["steps"], seconds=a["seconds"] + b["seconds"])
+    out["images_per_s"] = n / max(out["seconds"], 1e-9)
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (another process may be reading it)."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Busy(Exception):
+    """Another process running this benchmark on the same ``--work`` holds the route, or what it needs."""
+
+
+@contextlib.contextmanager
+def claim(work: Path, name: str):
+    """Hold route ``name`` for this process (an exclusive ``flock`` on ``work/locks/NAME.lock``, freed
+    when the process ends, however it ends), or raise :class:`Busy`."""
+    path = work / "locks" / (name.replace("/", "--") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(name) from None
+        yield
+
+
 class Bench:
     """The data, the settings and the work folder shared by every route."""
 
@@ -87,7 +136,8 @@ class Bench:
             train = train.subset(args.per_class, seed=0)
         self.train, self.test = train, test
         self.classes = len(train.class_names)
-        self.steps_per_epoch = len(train) // BATCH
+        self.batch = getattr(args, "batch", BATCH)
+        self.steps_per_epoch = len(train) // self.batch
         self.group_share = args.group_epochs / (args.epochs - args.base_epochs)  # of the second cosine
         self.amp = choose_precision(args.amp, "cpu").dtype
 
@@ -97,42 +147,69 @@ class Bench:
 
     def epochs(self, name: str, model, epochs: int, *, span=(0.0, 1.0), seed: int, grouping: Grouping | None = None,
                distill: Distiller | None = None) -> list[dict]:
-        """Train ``model`` for ``epochs`` epochs, one checkpoint per epoch in ``work/name`` (resumed
-        from there); the lr covers the part ``span`` of one cosine. Returns the history."""
+        """Train ``model`` for ``epochs`` epochs in ``work/name``, checkpointed every ``--checkpoint-steps``
+        steps and at every epoch's end (resumed from there, the epoch's batches replayed up to the step);
+        the lr covers the part ``span`` of one cosine. Returns the history (one entry per epoch).
+
+        A checkpoint is written whole into the slot the pointer ``state.json`` does not name, then the
+        pointer is replaced (atomic): a kill at any instant leaves the last complete checkpoint. The
+        finished weights are also ``work/name/model.safetensors``."""
         d = self.work / name
         d.mkdir(parents=True, exist_ok=True)
         opt = torch.optim.SGD(parameter_groups(model, LR, WEIGHT_DECAY), lr=LR, momentum=0.9, nesterov=True)
         schedule = PhaseSchedule(opt, [Phase(epochs, self.steps_per_epoch, cosine_span=span)])
-        state = {"epoch": 0, "history": []}
+        state = {"epoch": 0, "step": 0, "partial": None, "history": []}
         if (d / "state.json").exists():
-            state = json.loads((d / "state.json").read_text())
-            model.load_state_dict(load_file(str(d / "model.safetensors")))
-            load_optimizer(opt, d, "cpu")
+            state = {**state, **json.loads((d / "state.json").read_text())}
+            slot = d / state["slot"] if "slot" in state else d  # no slot: an epoch checkpoint of the first format
+            model.load_state_dict(load_file(str(slot / "model.safetensors")))
+            load_optimizer(opt, slot, "cpu")
             if grouping is not None:
                 grouping.load_state(state.get("grouping"))
             if state["epoch"] < epochs:
-                self.log(f"[{name}] resuming after epoch {state['epoch']}")
+                at = f"step {state['step']} of epoch {state['epoch'] + 1}" if state["step"] else f"epoch {state['epoch']}"
+                self.log(f"[{name}] resuming after {at}")
         spe = self.steps_per_epoch
-        while state["epoch"] < epochs:
-            epoch = state["epoch"]
-            step0 = epoch * spe
-            schedule.load_state_dict({"last_epoch": step0})
-            batches = (b for b in iterate_batches(self.train, BATCH, train=True, seed=seed, epoch=epoch)
-                       if len(b[1]) == BATCH)
-            t0 = time.perf_counter()
-            stats = train_one_epoch(model, batches, opt, grouping=grouping, distill=distill, amp_dtype=self.amp,
-                                    channels_last=True, global_step=step0, max_steps=spe, scheduler=schedule)
-            stats["seconds"] = time.perf_counter() - t0
-            if grouping is not None:
-                stats["off_block"] = max(grouping.off_block_energy().values(), default=0.0)
-            state["epoch"] += 1
-            state["history"].append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+        every = getattr(self.args, "checkpoint_steps", 0) or spe
+
+        def checkpoint() -> None:
+            slot = "slot-b" if state.get("slot") == "slot-a" else "slot-a"
+            (d / slot).mkdir(exist_ok=True)
+            save_state(model, d / slot / "model.safetensors")
+            save_optimizer(opt, d / slot)
             if grouping is not None:
                 state["grouping"] = grouping.state()
-            save_state(model, d / "model.safetensors")
-            save_optimizer(opt, d)
-            (d / "state.json").write_text(json.dumps(state))
+            state["slot"] = slot
+            tmp = d / "state.json.tmp"
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, d / "state.json")
+
+        while state["epoch"] < epochs:
+            epoch = state["epoch"]
+            batches = (b for b in iterate_batches(self.train, self.batch, train=True, seed=seed, epoch=epoch)
+                       if len(b[1]) == self.batch)
+            batches = itertools.islice(batches, state["step"], None)  # drawn (same random crops), not trained on
+            while state["step"] < spe:
+                step0 = epoch * spe + state["step"]
+                schedule.load_state_dict({"last_epoch": step0})
+                t0 = time.perf_counter()
+                stats = train_one_epoch(model, batches, opt, grouping=grouping, distill=distill, amp_dtype=self.amp,
+                                        channels_last=True, global_step=step0,
+                                        max_steps=min(every, spe - state["step"]), scheduler=schedule)
+                stats["seconds"] = time.perf_counter() - t0
+                state["partial"] = _merge(state["partial"], stats)
+                state["step"] += stats["steps"]
+                if state["step"] < spe:
+                    checkpoint()
+            stats = state["partial"]
+            if grouping is not None:
+                stats["off_block"] = max(grouping.off_block_energy().values(), default=0.0)
+            state.update(epoch=epoch + 1, step=0, partial=None)
+            state["history"].append({k: v for k, v in stats.items() if isinstance(v, (int, float))})
+            checkpoint()
             self.log(format_epoch(name, epoch + 1, epochs, stats))
+        if "slot" in state:  # else an epoch checkpoint of the first format: its weights are there already
+            save_state(model, d / "model.safetensors")
         return state["history"]
 
     def done(self, name: str) -> dict | None:
@@ -140,7 +217,7 @@ class Bench:
         return json.loads(path.read_text()) if path.exists() else None
 
     def finish(self, name: str, result: dict) -> dict:
-        (self.work / f"{name}.json").write_text(json.dumps(result, indent=1))
+        _write(self.work / f"{name}.json", json.dumps(result, indent=1))
         self.log(f"[{name}] top-1 {result['top1']:.4f}, {result['weights'] / 1e6:.3f}M weights")
         return result
 
@@ -150,6 +227,13 @@ def dense_route(b: Bench, k: float) -> dict:
     name = f"dense-k{k:g}"
     if (r := b.done(name)) is not None:
         return r
+    with claim(b.work, name):
+        if (r := b.done(name)) is not None:  # finished by another process meanwhile
+            return r
+        return _dense_route(b, k, name)
+
+
+def _dense_route(b: Bench, k: float, name: str) -> dict:
     a = b.args
     t0 = time.perf_counter()
     model, baseline = dense_baseline(b, k)
@@ -168,9 +252,12 @@ def dense_baseline(b: Bench, k: float):
     model = build_model(_arch(k), b.classes, "1").to(memory_format=torch.channels_last)
     base_path = b.work / f"{name}-baseline.safetensors"
     if not base_path.exists():
-        hist = b.epochs(f"{name}-baseline", model, b.args.base_epochs, seed=b.args.seed)
-        save_state(model.backbone_state_dict(), base_path)
-        (b.work / f"{name}-baseline-result.json").write_text(json.dumps({"top1": b.score(model), "history": hist}))
+        with claim(b.work, f"{name}-baseline"):
+            if not base_path.exists():
+                hist = b.epochs(f"{name}-baseline", model, b.args.base_epochs, seed=b.args.seed)
+                (b.work / f"{name}-baseline-result.json").write_text(
+                    json.dumps({"top1": b.score(model), "history": hist}))
+                save_state(model.backbone_state_dict(), base_path)  # last: its presence says the baseline is done
     model.load_backbone_state_dict(load_file(str(base_path)), skip_fc_mismatch=False)
     return model, json.loads((b.work / f"{name}-baseline-result.json").read_text())
 
@@ -188,6 +275,13 @@ def group_route(b: Bench, k: float, split: str, assign: str) -> dict:
     name = f"{family}-k{k:g}-{split}"
     if (r := b.done(name)) is not None:
         return r
+    with claim(b.work, name):
+        if (r := b.done(name)) is not None:
+            return r
+        return _group_route(b, k, split, assign, family, name)
+
+
+def _group_route(b: Bench, k: float, split: str, assign: str, family: str, name: str) -> dict:
     a = b.args
     t0 = time.perf_counter()
     cut_dir = b.work / name / "cut"
@@ -252,17 +346,22 @@ def distill_routes(b: Bench, k: float, split: str) -> list[dict]:
     spec = (which, float(temperature), float(weight))
     group_name = f"splitnet-k{k:g}-{split}"
     base = b.done(group_name)
+    if base is None:
+        raise Busy(group_name)  # its tree is being finished by another process
     out = []
     tag = f"{which}-t{float(temperature):g}-w{float(weight):g}"
     for seed in b.args.distill_seeds:
         for kind, distill in (("plain", None), ("distill", spec)):
             name = f"{kind}-k{k:g}-{split}-s{seed}" if kind == "plain" else f"{kind}-{tag}-k{k:g}-{split}-s{seed}"
             if (r := b.done(name)) is None:
-                t0 = time.perf_counter()
-                top1, hist = finetune(b, group_name, name, distill, 100 + seed, k, split)
-                r = b.finish(name, {"route": name, "family": kind, "k": k, "split": split, "seed": seed, "top1": top1,
-                                    "distill": b.args.distill if distill else None, "weights": base["weights"],
-                                    "flops": base["flops"], "history": hist, "seconds": time.perf_counter() - t0})
+                with claim(b.work, name):
+                    if (r := b.done(name)) is None:
+                        t0 = time.perf_counter()
+                        top1, hist = finetune(b, group_name, name, distill, 100 + seed, k, split)
+                        r = b.finish(name, {"route": name, "family": kind, "k": k, "split": split, "seed": seed,
+                                            "top1": top1, "distill": b.args.distill if distill else None,
+                                            "weights": base["weights"], "flops": base["flops"], "history": hist,
+                                            "seconds": time.perf_counter() - t0})
             out.append(r)
     return out
 
@@ -363,6 +462,36 @@ def collect(work: Path) -> list[dict]:
     return [r for r in found if "route" in r]
 
 
+def run_jobs(jobs: list, log, poll_s: float = 30.0) -> None:
+    """Run every job (a route); one that another process holds (:class:`Busy`) is come back to after
+    the others, until each is done here or there."""
+    while jobs:
+        waiting = []
+        for job in jobs:
+            try:
+                job()
+            except Busy as busy:
+                waiting.append((job, busy))
+        if len(waiting) == len(jobs):
+            log(f"waiting for another process to finish {', '.join(sorted({str(b) for _, b in waiting}))}")
+            time.sleep(poll_s)
+        jobs = [job for job, _ in waiting]
+
+
+def run_workers(args, argv: list[str], work: Path, out: Path, log) -> int:
+    """``--workers N``: N copies of this benchmark on the same ``--work``, each taking the routes the
+    others do not hold (``--threads`` each; by default the cores shared out); then the table."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1", "--threads", str(threads)]
+    log(f"pareto: {args.workers} worker processes, {threads} thread(s) each, on {work}")
+    procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        log(f"pareto: worker exit codes {codes}; the finished routes are kept in {work}, run again to go on")
+        return max(codes)
+    return main([*argv, "--table", "--workers", "1"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar100"))
@@ -385,6 +514,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "pareto"))
     ap.add_argument("--out", default="", help="the JSON (default: WORK/pareto.json)")
     ap.add_argument("--docs", default="", help="also write DIR/pareto.md and DIR/pareto.png")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="run the routes in this many processes at once (each one takes the next route nobody holds)")
+    ap.add_argument("--checkpoint-steps", type=int, default=50,
+                    help="also checkpoint every this many steps within an epoch (0: at the epoch's end only)")
+    ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--table", action="store_true", help="print the table of the routes --work holds, run nothing")
     args = ap.parse_args(argv)
     if not args.base_epochs < args.epochs or not 0 < args.group_epochs < args.epochs - args.base_epochs:
@@ -392,6 +526,8 @@ def main(argv=None) -> int:
     if args.distill != "none" and (len(args.distill.split(":")) != 3
                                    or args.distill.split(":")[0] not in ("grouped", "baseline", "dense")):
         ap.error("--distill: teacher:temperature:weight with teacher grouped, baseline or dense, e.g. grouped:4:0.5")
+    if args.workers < 1 or args.checkpoint_steps < 0 or args.batch < 2:
+        ap.error("--workers >= 1, --checkpoint-steps >= 0 and --batch >= 2")
     args.distill_seeds = [int(s) for s in args.distill_seeds.split(",") if s.strip()]
     unknown = set(args.distill_splits.split(",")) - set(args.splits.split(",")) - {""}
     if unknown:
@@ -402,33 +538,37 @@ def main(argv=None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    if args.workers > 1 and not args.table:
+        return run_workers(args, list(sys.argv[1:] if argv is None else argv), work, out, log)
     if not args.table:
         if args.threads:
             torch.set_num_threads(args.threads)
         b = Bench(args, log)
-        widths = [float(w) for w in args.widths.split(",")]
-        tree_widths = [float(w) for w in args.tree_widths.split(",")]
+        widths = [float(w) for w in args.widths.split(",") if w.strip()]
+        tree_widths = [float(w) for w in args.tree_widths.split(",") if w.strip()]
         log(f"pareto: {b.classes} classes, {len(b.train)} / {len(b.test)} images, {args.epochs} epochs per route "
             f"({args.base_epochs} baseline + {args.group_epochs} group + {args.epochs - args.base_epochs - args.group_epochs} "
             f"finetune), {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+        jobs = []
         for k in sorted(set(widths) | set(tree_widths)):  # narrow first: a tree's frontier is there before it
-            dense_route(b, k)
+            jobs.append(functools.partial(dense_route, b, k))
             if k not in tree_widths:
                 continue
             for split in args.splits.split(","):
-                group_route(b, k, split, "derived")
+                jobs.append(functools.partial(group_route, b, k, split, "derived"))
                 if args.random == "all":
-                    group_route(b, k, split, "random")
+                    jobs.append(functools.partial(group_route, b, k, split, "random"))
             for split in args.distill_splits.split(","):
                 if args.distill != "none" and split:
-                    distill_routes(b, k, split)
+                    jobs.append(functools.partial(distill_routes, b, k, split))
+        run_jobs(jobs, log)
     routes = collect(work)
     targets = analyse(routes, args.distill)
     result = {"routes": routes, "targets": targets, "settings": {k: v for k, v in vars(args).items() if k != "table"},
               "cpu": platform.processor() or platform.machine(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    _write(out, json.dumps(result, indent=1))
     text = table(routes)
     print(text)
     print("targets: " + (", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in targets.items()) or "none measurable"))

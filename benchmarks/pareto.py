@@ -20,13 +20,14 @@ path with ``group.init: baseline`` (the demo's):
   every seed of ``--distill-seeds`` (for the splits of ``--distill-splits``): distillation's effect at two
   seeds, the grouping shared.
 
-Resumable: each route checkpoints under ``--work`` (safetensors + JSON) every ``--checkpoint-steps`` steps
-and at every epoch's end; a killed run continues from the step it last saved and ends where an
-uninterrupted run ends; a finished route is read back. ``--workers N`` runs N processes at once on the
-same ``--work`` (one per core is the fastest on a CPU): each takes the next route no other holds (a lock
-file per route), a tree waits for its dense baseline, and the table is printed when all are done. Two
-commands started by hand on the same ``--work`` share it the same way. ``--out`` gets the JSON; a table is
-printed; ``--docs DIR`` also writes ``DIR/pareto.md`` (the table) and ``DIR/pareto.png`` (top-1 against
+Resumable: each route checkpoints under ``--work`` (safetensors + JSON) every
+``--checkpoint-every-steps`` steps (the pipeline's ``checkpoint_every_steps``) and at every epoch's
+end; a killed run continues from the step it last saved and ends where an uninterrupted run ends; a
+finished route is read back. ``--workers N`` runs N processes at once on the same ``--work`` (one per
+core is the fastest on a CPU): each takes the next route no other holds (a lock file per route), a
+tree waits for its dense baseline, and the table is printed when all are done; two commands started
+by hand on the same ``--work`` share it the same way. ``--out`` gets the JSON; a table is printed;
+``--docs DIR`` also writes ``DIR/pareto.md`` (the table) and ``DIR/pareto.png`` (top-1 against
 weights, one line per family).
 
     python benchmarks/pareto.py --workers 2 --threads 1           # the full frontier (hours on 2 CPU cores)
@@ -147,9 +148,10 @@ class Bench:
 
     def epochs(self, name: str, model, epochs: int, *, span=(0.0, 1.0), seed: int, grouping: Grouping | None = None,
                distill: Distiller | None = None) -> list[dict]:
-        """Train ``model`` for ``epochs`` epochs in ``work/name``, checkpointed every ``--checkpoint-steps``
-        steps and at every epoch's end (resumed from there, the epoch's batches replayed up to the step);
-        the lr covers the part ``span`` of one cosine. Returns the history (one entry per epoch).
+        """Train ``model`` for ``epochs`` epochs in ``work/name``, checkpointed every
+        ``--checkpoint-every-steps`` steps and at every epoch's end (resumed from there, the epoch's
+        batches replayed up to the step); the lr covers the part ``span`` of one cosine. Returns the
+        history (one entry per epoch).
 
         A checkpoint is written whole into the slot the pointer ``state.json`` does not name, then the
         pointer is replaced (atomic): a kill at any instant leaves the last complete checkpoint. The
@@ -170,7 +172,7 @@ class Bench:
                 at = f"step {state['step']} of epoch {state['epoch'] + 1}" if state["step"] else f"epoch {state['epoch']}"
                 self.log(f"[{name}] resuming after {at}")
         spe = self.steps_per_epoch
-        every = getattr(self.args, "checkpoint_steps", 0) or spe
+        every = getattr(self.args, "checkpoint_every_steps", 0) or spe
 
         def checkpoint() -> None:
             slot = "slot-b" if state.get("slot") == "slot-a" else "slot-a"
@@ -516,7 +518,7 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", default="", help="also write DIR/pareto.md and DIR/pareto.png")
     ap.add_argument("--workers", type=int, default=1,
                     help="run the routes in this many processes at once (each one takes the next route nobody holds)")
-    ap.add_argument("--checkpoint-steps", type=int, default=50,
+    ap.add_argument("--checkpoint-every-steps", type=int, default=50,
                     help="also checkpoint every this many steps within an epoch (0: at the epoch's end only)")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--table", action="store_true", help="print the table of the routes --work holds, run nothing")
@@ -526,8 +528,8 @@ def main(argv=None) -> int:
     if args.distill != "none" and (len(args.distill.split(":")) != 3
                                    or args.distill.split(":")[0] not in ("grouped", "baseline", "dense")):
         ap.error("--distill: teacher:temperature:weight with teacher grouped, baseline or dense, e.g. grouped:4:0.5")
-    if args.workers < 1 or args.checkpoint_steps < 0 or args.batch < 2:
-        ap.error("--workers >= 1, --checkpoint-steps >= 0 and --batch >= 2")
+    if args.workers < 1 or args.checkpoint_every_steps < 0 or args.batch < 2:
+        ap.error("--workers >= 1, --checkpoint-every-steps >= 0 and --batch >= 2")
     args.distill_seeds = [int(s) for s in args.distill_seeds.split(",") if s.strip()]
     unknown = set(args.distill_splits.split(",")) - set(args.splits.split(",")) - {""}
     if unknown:

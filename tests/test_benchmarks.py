@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration  # a whole benchmark, run four times (about
 TINY = ["--data", str(CIFAR), "--superclasses", "aquatic_mammals,vehicles_1", "--per-class", "16", "--widths", "1",
         "--tree-widths", "1", "--splits", "2-2-2", "--epochs", "3", "--base-epochs", "1", "--group-epochs", "1",
         "--distill", "grouped:4:0.5", "--distill-seeds", "0", "--random", "all", "--threads", "1",
-        "--batch", "16", "--checkpoint-steps", "3"]
+        "--batch", "16", "--checkpoint-every-steps", "3"]
 ROUTES = {"dense-k1", "splitnet-k1-2-2-2", "random-k1-2-2-2", "plain-k1-2-2-2-s0", "distill-grouped-t4-w0.5-k1-2-2-2-s0"}
 
 

@@ -342,30 +342,27 @@ def finetune(b: Bench, group_name: str, name: str, distill: tuple | None, seed: 
     return b.score(tree), hist
 
 
-def distill_routes(b: Bench, k: float, split: str) -> list[dict]:
-    """The finetune of splitnet-k-S again, with and without the teacher, at every distill seed."""
+def distill_route(b: Bench, k: float, split: str, seed: int, kind: str) -> dict:
+    """The finetune of splitnet-k-S again from its cut tree, with the teacher (``kind`` distill) or
+    without (plain), at ``seed``: each seed and kind its own route."""
     which, temperature, weight = b.args.distill.split(":")
-    spec = (which, float(temperature), float(weight))
+    distill = (which, float(temperature), float(weight)) if kind == "distill" else None
     group_name = f"splitnet-k{k:g}-{split}"
+    tag = f"{which}-t{float(temperature):g}-w{float(weight):g}"
+    name = f"plain-k{k:g}-{split}-s{seed}" if kind == "plain" else f"distill-{tag}-k{k:g}-{split}-s{seed}"
+    if (r := b.done(name)) is not None:
+        return r
     base = b.done(group_name)
     if base is None:
         raise Busy(group_name)  # its tree is being finished by another process
-    out = []
-    tag = f"{which}-t{float(temperature):g}-w{float(weight):g}"
-    for seed in b.args.distill_seeds:
-        for kind, distill in (("plain", None), ("distill", spec)):
-            name = f"{kind}-k{k:g}-{split}-s{seed}" if kind == "plain" else f"{kind}-{tag}-k{k:g}-{split}-s{seed}"
-            if (r := b.done(name)) is None:
-                with claim(b.work, name):
-                    if (r := b.done(name)) is None:
-                        t0 = time.perf_counter()
-                        top1, hist = finetune(b, group_name, name, distill, 100 + seed, k, split)
-                        r = b.finish(name, {"route": name, "family": kind, "k": k, "split": split, "seed": seed,
-                                            "top1": top1, "distill": b.args.distill if distill else None,
-                                            "weights": base["weights"], "flops": base["flops"], "history": hist,
-                                            "seconds": time.perf_counter() - t0})
-            out.append(r)
-    return out
+    with claim(b.work, name):
+        if (r := b.done(name)) is not None:
+            return r
+        t0 = time.perf_counter()
+        top1, hist = finetune(b, group_name, name, distill, 100 + seed, k, split)
+        return b.finish(name, {"route": name, "family": kind, "k": k, "split": split, "seed": seed, "top1": top1,
+                               "distill": b.args.distill if distill else None, "weights": base["weights"],
+                               "flops": base["flops"], "history": hist, "seconds": time.perf_counter() - t0})
 
 
 def frontier(dense: list[dict], weights: float) -> float | None:
@@ -562,7 +559,8 @@ def main(argv=None) -> int:
                     jobs.append(functools.partial(group_route, b, k, split, "random"))
             for split in args.distill_splits.split(","):
                 if args.distill != "none" and split:
-                    jobs.append(functools.partial(distill_routes, b, k, split))
+                    jobs += [functools.partial(distill_route, b, k, split, seed, kind)
+                             for seed in args.distill_seeds for kind in ("plain", "distill")]
         run_jobs(jobs, log)
     routes = collect(work)
     targets = analyse(routes, args.distill)

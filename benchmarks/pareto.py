@@ -406,7 +406,7 @@ def analyse(routes: list[dict], distill: str = "") -> dict:
 
 def table(routes: list[dict]) -> str:
     rows = ["| route | family | k | split | weights | GFLOPs | top-1 | vs dense frontier | vs dense parent (same budget) "
-            "| vs random groups | minutes |", "|" + "---|" * 11]
+            "| vs random groups | training minutes (trees: after the baseline) |", "|" + "---|" * 11]
 
     def pts(v):
         return "-" if v is None else f"{v:+.1f}"
@@ -416,7 +416,7 @@ def table(routes: list[dict]) -> str:
                     f"{r['flops'] / 1e9:.3f} | {r['top1']:.4f}"
                     + (f" (baseline {r['baseline_top1']:.4f})" if "baseline_top1" in r else "")
                     + f" | {pts(r.get('vs_frontier_points'))} | {pts(r.get('vs_parent_points'))} | "
-                    f"{pts(r.get('vs_random_points'))} | {r['seconds'] / 60:.1f} |")
+                    f"{pts(r.get('vs_random_points'))} | {sum(h['seconds'] for h in r['history']) / 60:.1f} |")
     return "\n".join(rows)
 
 

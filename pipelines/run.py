@@ -27,6 +27,7 @@ import yaml
 
 from splitnet import cut
 from splitnet.accounting import model_cost
+from splitnet.assignment import SplitConfig
 from splitnet.datasets import CIFAR100_MEAN, CIFAR100_STD
 from splitnet.grouping import off_block_energy
 from splitnet.precision import OVERRIDE_ENV, choose_precision
@@ -571,6 +572,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
                 log(precision.warning())
         announced = precision.line() if precision else None
         info = _prepare(cfg, rd, state, log)
+        _check_split_fits(cfg, info)
         cache = DecodedCache(cfg, info, log)
         steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log, announced, cache)),
                  ("group", lambda: _train_stage(cfg, rd, state, info, "group", log, announced, cache)),
@@ -591,6 +593,16 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
         return write_report(cfg, rd, state, info, metrics, time.perf_counter() - t0, log)
     finally:
         printer.close()
+
+
+def _check_split_fits(cfg: PipelineConfig, info: DataInfo) -> None:
+    """Before anything trains: the classifier's groups (the split's last level) need
+    ``cut.min_classes_per_group`` classes each, or the cut could only fail after the training."""
+    leaves, minimum = SplitConfig.parse(cfg.model.split).num_groups, cfg.cut.min_classes_per_group
+    if info.num_classes < leaves * minimum:
+        raise PipelineError(f"model.split: {cfg.model.split} puts the classes into {leaves} groups of at least {minimum} "
+                            f"(cut.min_classes_per_group), but the data has {info.num_classes} classes; choose a split "
+                            f"with at most {info.num_classes // minimum} groups at its last level, or more classes")
 
 
 def _bad_count(rd: RunDir) -> int:

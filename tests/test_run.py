@@ -340,6 +340,19 @@ def test_gpu_request_without_gpus_fails_fast_with_a_clear_line(ray_cluster, tiny
     assert last.startswith("splitnet: error: scaling.use_gpu:") and "the cluster has 0" in last and "use_gpu=false" in last
 
 
+def test_a_split_with_more_class_groups_than_classes_is_refused_before_training(ray_cluster, tiny_cifar, tmp_path):
+    """5 classes (one superclass) into a 2-2-8 split: one line after prepare, exit 2, nothing trained."""
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
+                        *tiny(tmp_path / "run", tiny_cifar, model__split="2-2-8", data__classes="[vehicles_1]")],
+                       cwd=ROOT, env=_cli_env(RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "splitnet: error: model.split: 2-2-8 puts the classes into 8 groups of at least 1 (cut.min_classes_per_group), "
+        "but the data has 5 classes; choose a split with at most 5 groups at its last level, or more classes")
+    assert (tmp_path / "run" / "shards").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_missing_source_is_one_line_before_ray_starts(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(ROOT / "pipelines/configs/demo.yaml"),
                         f"data.source={tmp_path / 'nope'}", f"run_dir={tmp_path / 'run'}"],

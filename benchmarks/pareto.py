@@ -182,9 +182,7 @@ class Bench:
             if grouping is not None:
                 state["grouping"] = grouping.state()
             state["slot"] = slot
-            tmp = d / "state.json.tmp"
-            tmp.write_text(json.dumps(state))
-            os.replace(tmp, d / "state.json")
+            _write(d / "state.json", json.dumps(state))
 
         while state["epoch"] < epochs:
             epoch = state["epoch"]
@@ -218,6 +216,16 @@ class Bench:
         path = self.work / f"{name}.json"
         return json.loads(path.read_text()) if path.exists() else None
 
+    def once(self, name: str, run) -> dict:
+        """Route ``name``'s result: read back when finished, else ``run()`` under its claim (:class:`Busy`
+        when another process holds it)."""
+        if (r := self.done(name)) is not None:
+            return r
+        with claim(self.work, name):
+            if (r := self.done(name)) is not None:  # finished by another process meanwhile
+                return r
+            return run()
+
     def finish(self, name: str, result: dict) -> dict:
         _write(self.work / f"{name}.json", json.dumps(result, indent=1))
         self.log(f"[{name}] top-1 {result['top1']:.4f}, {result['weights'] / 1e6:.3f}M weights")
@@ -227,12 +235,7 @@ class Bench:
 def dense_route(b: Bench, k: float) -> dict:
     """dense-k: B epochs on one cosine (the baseline, kept), then E - B on a second."""
     name = f"dense-k{k:g}"
-    if (r := b.done(name)) is not None:
-        return r
-    with claim(b.work, name):
-        if (r := b.done(name)) is not None:  # finished by another process meanwhile
-            return r
-        return _dense_route(b, k, name)
+    return b.once(name, lambda: _dense_route(b, k, name))
 
 
 def _dense_route(b: Bench, k: float, name: str) -> dict:
@@ -275,12 +278,7 @@ def group_route(b: Bench, k: float, split: str, assign: str) -> dict:
     """splitnet-k-S (derived groups) or random-k-S: from dense-k's baseline, group, cut, finetune."""
     family = "splitnet" if assign == "derived" else "random"
     name = f"{family}-k{k:g}-{split}"
-    if (r := b.done(name)) is not None:
-        return r
-    with claim(b.work, name):
-        if (r := b.done(name)) is not None:
-            return r
-        return _group_route(b, k, split, assign, family, name)
+    return b.once(name, lambda: _group_route(b, k, split, assign, family, name))
 
 
 def _group_route(b: Bench, k: float, split: str, assign: str, family: str, name: str) -> dict:
@@ -350,19 +348,18 @@ def distill_route(b: Bench, k: float, split: str, seed: int, kind: str) -> dict:
     group_name = f"splitnet-k{k:g}-{split}"
     tag = f"{which}-t{float(temperature):g}-w{float(weight):g}"
     name = f"plain-k{k:g}-{split}-s{seed}" if kind == "plain" else f"distill-{tag}-k{k:g}-{split}-s{seed}"
-    if (r := b.done(name)) is not None:
-        return r
     base = b.done(group_name)
-    if base is None:
+    if base is None and b.done(name) is None:
         raise Busy(group_name)  # its tree is being finished by another process
-    with claim(b.work, name):
-        if (r := b.done(name)) is not None:
-            return r
+
+    def run() -> dict:
         t0 = time.perf_counter()
         top1, hist = finetune(b, group_name, name, distill, 100 + seed, k, split)
         return b.finish(name, {"route": name, "family": kind, "k": k, "split": split, "seed": seed, "top1": top1,
                                "distill": b.args.distill if distill else None, "weights": base["weights"],
                                "flops": base["flops"], "history": hist, "seconds": time.perf_counter() - t0})
+
+    return b.once(name, run)
 
 
 def frontier(dense: list[dict], weights: float) -> float | None:

@@ -10,8 +10,9 @@ In one process on the CPU (plain PyTorch, the data in memory, like method_qualit
 * **cells**: every split (``--splits``) x grouping budget in steps (``--budgets``). A cell starts the
   split model from its subset's dense weights, the class groups from the dense classifier
   (``assign_init: classifier``, as ``group.init: baseline`` does), and runs the grouping stage for
-  the budget with **one config**: the defaults of ``pipelines.config.GroupStageConfig`` unless
-  ``--set key=value`` changes them (the same keys as ``group.*``), then cuts.
+  the budget with **one config**: the defaults of a pipeline run with ``group.init: baseline``
+  (``pipelines.config.GroupStageConfig``; ``warmup: auto`` is then none) unless ``--set key=value``
+  changes them (the same keys as ``group.*``), then cuts.
 
 Per cell it records: each split layer's off-block energy at the end of the assign phase (before any
 proximal step) against its uniform level (1 - 1/G), the smallest group's share of balanced, the
@@ -122,23 +123,15 @@ def dense_model(subset: str, train_set, test_set, args, log):
 
 
 def group_config(overrides: list[str]):
-    """``pipelines.config.GroupStageConfig`` defaults with ``key=value`` overrides (the group.* keys)."""
-    from pipelines.config import GroupStageConfig
+    """The pipeline's ``group`` settings for a cell: the defaults of a run with ``group.init: baseline``
+    (a cell starts from its subset's dense model), with ``key=value`` overrides of the group.* keys,
+    parsed and checked as ``splitnet run`` parses them."""
+    from pipelines.config import ConfigError, load_config
 
-    cfg = GroupStageConfig()
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if not hasattr(cfg, key):
-            raise SystemExit(f"--set {item}: GroupStageConfig has no key {key!r}")
-        current = getattr(cfg, key)
-        if isinstance(current, bool):
-            parsed = value.lower() in ("1", "true", "yes")
-        elif isinstance(current, (int, float, str)):
-            parsed = type(current)(value)
-        else:
-            raise SystemExit(f"--set {item}: {key} is not a number, a string or a flag")
-        cfg = dataclasses.replace(cfg, **{key: parsed})
-    return cfg
+    try:
+        return load_config(None, ["group.init=baseline", *(f"group.{item}" for item in overrides)]).group
+    except ConfigError as e:
+        raise SystemExit(f"--set: {e}") from None
 
 
 def run_cell(subset: str, split: str, budget: int, dense, train_set, test_set, g, args, log) -> dict:
@@ -270,7 +263,7 @@ def main(argv=None) -> int:
                 cell = run_cell(subset, split, budget, dense, train_set, test_set, g, args, log)
                 path.write_text(json.dumps(cell, indent=1))
                 cells.append(cell)
-    result = {"config": dataclasses.asdict(g), "args": vars(args), "cells": cells,
+    result = {"config": {**dataclasses.asdict(g), "warmup_fraction": g.warmup_fraction()}, "args": vars(args), "cells": cells,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "cpu_capability": torch.backends.cpu.get_cpu_capability()},
               "all_targets": all(all(c["targets"].values()) for c in cells), "min_group_share_floor": MIN_GROUP_SHARE}

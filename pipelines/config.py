@@ -105,6 +105,9 @@ class StageConfig:
     cosine_span: list[float] = field(default_factory=lambda: [0.0, 1.0])
 
 
+WARMUP_UNTRAINED = 0.25  # group.warmup: auto from an untrained classifier (init scratch / pretrained)
+
+
 @dataclass
 class GroupStageConfig(StageConfig):
     init: str = "scratch"          # scratch | baseline | pretrained
@@ -122,7 +125,11 @@ class GroupStageConfig(StageConfig):
     # as derived, with random balanced groups (seeded by `seed`): the control that says what the derived
     # groups are worth against a tree of the same shape
     assign: str = "derived"
-    warmup: float = 0.25           # staged: fraction of the stage's steps before the groups (CE only)
+    # staged: fraction of the stage's steps before the groups (CE only). auto: none with init baseline
+    # (its classifier and features are trained: the groups are read from them at once; a warm-up at the
+    # group stage's lr only blurs them, docs/method.md), WARMUP_UNTRAINED with init scratch or pretrained
+    # (the classifier the groups are read from is trained by the warm-up)
+    warmup: float | str = "auto"
     sparsify: float = 0.35         # staged, learned: fraction at the end with the hard assignment fixed
     # the proximal step's size: 0 derives it from the weights (the thresholds over the sparsify phase
     # add up to 6x each layer's largest off-block segment); >= 1: the multiplier of `weight` at the
@@ -143,11 +150,18 @@ class GroupStageConfig(StageConfig):
     split_lr_mult: float = 1.0
     freeze_split_bn_scale: bool = False  # the reference's bn_no_scale: BN gamma of every residual block frozen (not the head BN)
 
+    def warmup_fraction(self) -> float:
+        """``warmup`` as the fraction it means (``auto`` resolved by ``init``)."""
+        if self.warmup == "auto":
+            return 0.0 if self.init == "baseline" else WARMUP_UNTRAINED
+        return float(self.warmup)
+
     def grouping_schedule(self, seed: int = 0):
         """These settings as the library's :class:`~splitnet.grouping.GroupingSchedule` (which validates them)."""
         from splitnet.grouping import GroupingSchedule
 
-        return GroupingSchedule(**_same_fields(GroupingSchedule, self), random_seed=seed)
+        return GroupingSchedule(**{**_same_fields(GroupingSchedule, self), "warmup": self.warmup_fraction()},
+                                random_seed=seed)
 
     def regularizer_weights(self):
         """``disjoint`` / ``weight`` / ``balance`` as the library's :class:`~splitnet.regularizers.RegularizerWeights`."""
@@ -278,6 +292,10 @@ def _check_value(key: str, tp, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
+    if tp == (float | str):  # a number, or a word the key's validation knows (group.warmup: auto)
+        if isinstance(value, str):
+            return value
+        return _check_value(key, float, value)
     if tp is str:
         if value is None:
             return ""
@@ -458,12 +476,14 @@ def validate(cfg: PipelineConfig) -> None:
     for key in ("disjoint", "weight", "balance", "assignment_lr_mult", "split_lr_mult"):
         _positive(f"group.{key}", getattr(cfg.group, key), allow_zero=key in ("disjoint", "weight", "balance"))
     g = cfg.group
+    if isinstance(g.warmup, str) and g.warmup != "auto":
+        raise ConfigError(f"group.warmup: a fraction of the stage's steps in [0, 1), or auto; got {g.warmup!r}")
     try:
         g.grouping_schedule()  # the phases, the proximal step, the assignment mode: checked where they are used
     except ValueError as e:
         raise ConfigError(f"group.{e}") from None
     derived = g.method == "staged" and g.assign == "derived"
-    if derived and g.init == "scratch" and g.warmup <= 0:
+    if derived and g.init == "scratch" and g.warmup_fraction() <= 0:
         raise ConfigError("group.assign: derived computes the groups from the classifier and weights the warm-up "
                           "trained; with group.init: scratch it needs group.warmup > 0 (or group.init: baseline / "
                           "pretrained)")
@@ -473,7 +493,7 @@ def validate(cfg: PipelineConfig) -> None:
     _positive("group.assign_init_margin", g.assign_init_margin)
     if g.assign_init not in ("random", "classifier"):
         raise ConfigError(f"group.assign_init: {g.assign_init!r}; use random or classifier")
-    if not derived and g.assign_init == "classifier" and g.init == "scratch" and (g.method != "staged" or g.warmup <= 0):
+    if not derived and g.assign_init == "classifier" and g.init == "scratch" and (g.method != "staged" or g.warmup_fraction() <= 0):
         # from scratch the classifier the warm-up trained is the start (at the first assign step)
         raise ConfigError("group.assign_init: classifier with group.init: scratch starts from the classifier the "
                           "warm-up trained; it needs group.method: staged with group.warmup > 0 (or group.init: "

@@ -159,7 +159,7 @@ def write_report(cfg: PipelineConfig, rd: RunDir, state: dict, info, metrics: di
     derived = cfg.group.method == "staged" and cfg.group.assign == "derived"
     if (derived or cfg.group.assign_init == "classifier") and recorded is not None:
         start = _class_groups_at_start(manifest["class_to_group"], info.parents, recorded,
-                                       warmed=cfg.group.warmup > 0 and (derived or cfg.group.init == "scratch"),
+                                       warmed=cfg.group.warmup_fraction() > 0 and (derived or cfg.group.init == "scratch"),
                                        assign="derived" if derived else "learned")
         if group_result.get("fixed_off_block"):
             start["fixed_off_block"] = group_result["fixed_off_block"]

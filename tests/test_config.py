@@ -29,7 +29,7 @@ def test_reference_configs_say_what_the_issue_asks():
     assert demo.data.source == "../shared/data/cifar100" and not demo.scaling.use_gpu
     # the demo groups from its dense baseline (a 10-minute CPU budget has no room for a warm-up from scratch)
     assert demo.baseline.enabled and demo.group.init == "baseline" and demo.group.method == "staged"
-    assert demo.data.classes and demo.group.warmup == 0
+    assert demo.data.classes and demo.group.warmup_fraction() == 0  # group.warmup: auto, from the baseline
     ref = load_config(ROOT / "pipelines/configs/cifar100-wrn16-8.yaml")
     assert (ref.model.arch, ref.model.split, ref.scaling.use_gpu) == ("wrn-16-8", "2-2-2", True)
     assert (ref.group.epochs, ref.group.milestones, ref.group.batch_size) == (400, [240, 300], 90)
@@ -63,7 +63,7 @@ def test_overrides_apply_with_yaml_types(tmp_path):
                       ["group.epochs=7", "run_dir=s3://bucket/x", "scaling.use_gpu=false", "data.mean=[0.5,0.5,0.5]",
                        "group.lr=0.2"])
     assert cfg.group.epochs == 7 and cfg.run_dir == "s3://bucket/x" and cfg.data.mean == [0.5, 0.5, 0.5]
-    assert cfg.group.lr == 0.2 and cfg.baseline.lr == 0.1 and cfg.group.warmup == 0  # the rest untouched
+    assert cfg.group.lr == 0.2 and cfg.baseline.lr == 0.1 and cfg.group.warmup == "auto"  # the rest untouched
     assert load_config(None, ["model.split=4"]).model.split == "4"  # an int in YAML is still a split string
 
 
@@ -100,6 +100,8 @@ def test_overrides_apply_with_yaml_types(tmp_path):
     (["finetune.distill_temperature=0"], "finetune.distill_temperature: must be > 0"),
     (["finetune.distill=baseline", "baseline.enabled=false", "group.init=scratch", "group.warmup=0.2"],
      "finetune.distill: baseline, but baseline.enabled is false"),
+    (["group.warmup=soon"], "group.warmup: a fraction of the stage's steps in [0, 1), or auto; got 'soon'"),
+    (["group.warmup=[0.1]"], "group.warmup: expected a number, got [0.1]"),
     (["control.epochs=3"], "unknown key control.epochs"),
     (["grow.replay=-1"], "grow.replay: must be >= 0, got -1"),
     (["grow.calibrate=-5"], "grow.calibrate: must be >= 0, got -5"),
@@ -115,6 +117,22 @@ def test_classifier_init_from_scratch_is_accepted_when_a_warm_up_trains_the_clas
     cfg = load_config(ROOT / "pipelines/configs/demo.yaml", ["group.assign_init=classifier", "group.init=scratch",
                                                             "group.method=staged", "group.warmup=0.25"])
     assert (cfg.group.assign_init, cfg.group.init) == ("classifier", "scratch")
+
+
+@pytest.mark.parametrize("init,fraction,extra", [("baseline", 0.0, []), ("scratch", 0.25, []),
+                                                 ("pretrained", 0.25, ["model.pretrained={tmp}/r50.safetensors"])])
+def test_the_warm_up_is_none_from_a_trained_baseline_unless_set(init, fraction, extra, tmp_path):
+    """group.warmup: auto (the default) reads the groups from a trained baseline at once, and gives a
+    classifier that is not trained yet (scratch, pretrained features) a quarter of the steps first;
+    a number, from the YAML or an override, is taken as it is."""
+    (tmp_path / "r50.safetensors").write_bytes(b"")  # validation asks only that it exists
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    cfg = load_config(None, [f"group.init={init}", *extra])
+    assert cfg.group.warmup == "auto" and cfg.group.grouping_schedule().warmup == fraction
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"group:\n  init: {init}\n  warmup: auto\n")
+    assert load_config(yaml_file, extra).group.warmup_fraction() == fraction
+    assert load_config(yaml_file, [*extra, "group.warmup=0.1"]).group.grouping_schedule().warmup == 0.1
 
 
 def test_differences_lists_dotted_keys():

@@ -40,7 +40,7 @@ from .data.sources import download_cifar, read_parents, source_splits
 from .data.stream import (bad_record_log, cached_decoded, class_table, count_records, decoded_bytes, has_split,
                           read_dataset)
 from .progress import Printer, link_ray_logs, verbose
-from .report import write_report
+from .report import NMI_SD, semantic_outlook, write_report
 from .rundir import RunDir
 from .stages import evaluate_loop, train_loop
 
@@ -573,6 +573,7 @@ def run(cfg: PipelineConfig, log: Callable[[str], None] = print, stop_after: str
         announced = precision.line() if precision else None
         info = _prepare(cfg, rd, state, log)
         _check_split_fits(cfg, info)
+        _warn_semantic_out_of_reach(cfg, info, log)
         cache = DecodedCache(cfg, info, log)
         steps = [("baseline", lambda: _train_stage(cfg, rd, state, info, "baseline", log, announced, cache)),
                  ("group", lambda: _train_stage(cfg, rd, state, info, "group", log, announced, cache)),
@@ -603,6 +604,19 @@ def _check_split_fits(cfg: PipelineConfig, info: DataInfo) -> None:
         raise PipelineError(f"model.split: {cfg.model.split} puts the classes into {leaves} groups of at least {minimum} "
                             f"(cut.min_classes_per_group), but the data has {info.num_classes} classes; choose a split "
                             f"with at most {info.num_classes // minimum} groups at its last level, or more classes")
+
+
+def _warn_semantic_out_of_reach(cfg: PipelineConfig, info: DataInfo, log) -> None:
+    """Before anything trains: one line when the report's semantic check cannot pass with this split
+    (no balanced grouping into the last level's groups scores above random's bar), so its "not counted"
+    at the end is no surprise. The run goes on: the tree is as useful, the check says nothing here."""
+    leaves = SplitConfig.parse(cfg.model.split).num_groups
+    outlook = semantic_outlook(leaves, info.class_names, info.parents)
+    if outlook and not outlook["reachable"]:
+        log(f"warning: model.split {cfg.model.split}: no grouping of {outlook['classes']} classes into {leaves} balanced "
+            f"groups scores above NMI {outlook['ceiling']:.3f} against their {outlook['reference']}, and random groups' "
+            f"mean + {NMI_SD} sd is {outlook['bar']:.3f}: the report's semantic check cannot pass and is not counted (fewer "
+            f"groups, or classes from more {outlook['reference']}, make it reachable)")
 
 
 def _bad_count(rd: RunDir) -> int:

@@ -45,12 +45,31 @@ def normalized_mutual_info(a: Sequence, b: Sequence) -> float:
     return mi / denom if denom > 0 else 0.0
 
 
+def _entropy(counts) -> float:
+    n = sum(counts)
+    return -sum(c / n * math.log(c / n) for c in counts if c)
+
+
+def nmi_ceiling(group_sizes: Sequence[int], labels: Sequence) -> float:
+    """The most NMI any grouping with these group sizes can score against ``labels``.
+
+    I(G; P) <= min(H(G), H(P)), and the sizes fix H(G) and the labels H(P), so NMI <= 2 min(H(G), H(P)) /
+    (H(G) + H(P)); it is reached when every label's items can lie in one group (or every group in one
+    label). E.g. 10 classes of 2 superclasses in 4 groups (3, 3, 2, 2): 0.673, however the groups are found.
+    """
+    hg, hp = _entropy([s for s in group_sizes if s]), _entropy(Counter(labels).values())
+    if hg == 0 and hp == 0:
+        return 1.0
+    return 2 * min(hg, hp) / (hg + hp)
+
+
 def semantic_quality(class_to_group: Sequence[int], class_to_super: Sequence, num_random: int = 200, seed: int = 0) -> dict:
     """Purity and NMI of the learned groups against a reference labelling, vs random balanced groups.
 
     class_to_group: group id per class; class_to_super: superclass (or WordNet parent) per class.
     Returns {purity, nmi, random_purity_mean, random_purity_std, random_nmi_mean, random_nmi_std,
-    num_groups, num_superclasses}.
+    num_groups, num_superclasses, nmi_ceiling}: the ceiling is the most any grouping with the same
+    group sizes can score (:func:`nmi_ceiling`); a bar above it is out of reach.
     """
     groups = [int(g) for g in class_to_group]
     labels = list(class_to_super)
@@ -70,4 +89,5 @@ def semantic_quality(class_to_group: Sequence[int], class_to_super: Sequence, nu
         "random_purity_mean": float(np.mean(rand_p)), "random_purity_std": float(np.std(rand_p)),
         "random_nmi_mean": float(np.mean(rand_n)), "random_nmi_std": float(np.std(rand_n)),
         "num_groups": num_groups, "num_superclasses": len(set(labels)),
+        "nmi_ceiling": nmi_ceiling(list(Counter(groups).values()), labels),
     }

@@ -1,6 +1,8 @@
 """The report's accuracy verdict: the tree against the dense model of its own budget, or plainly not."""
+import pytest
+
 from pipelines.config import load_config, to_dict
-from pipelines.report import _checks, _verdict, budgets, comparison
+from pipelines.report import _checks, _semantic, _verdict, budgets, comparison
 
 from conftest import ROOT
 
@@ -63,3 +65,58 @@ def test_no_dense_model_no_check():
     c = _cfg("control.enabled=false", "baseline.enabled=false", "group.init=scratch", "group.warmup=0.2")
     check = _check(c, _metrics(grouped=0.4, cut=0.4, tree=0.49))
     assert check["ok"] is None and check["value"] is None
+
+
+def _semantic_checks(groups, parents):
+    metrics = _metrics(grouped=0.5, cut=0.5, tree=0.5)
+    c = _cfg()
+    return _checks(metrics, {"reduction": {"params": 0.5}}, {}, _semantic(groups, parents), comparison(c, metrics))
+
+
+def test_a_semantic_bar_no_grouping_can_reach_is_said_before_training_and_not_counted():
+    """8 classes of 2 superclasses in 4 groups: even pure groups score NMI 0.667, under random's
+    mean + 3 sd (~0.81; random pairs are often pure too). The run says so after prepare; the report
+    does not count the check."""
+    from pipelines.report import semantic_outlook
+    from pipelines.run import DataInfo, _warn_semantic_out_of_reach
+
+    parents = ["fish"] * 4 + ["aquatic_mammals"] * 4
+    names = [f"class{i}" for i in range(8)]
+    pure = [0, 0, 1, 1, 2, 2, 3, 3]
+    check = _semantic_checks(pure, parents)["semantic_groups"]
+    assert check["ok"] is None and check["out_of_reach"] and check["value"] == pytest.approx(0.667, abs=1e-3)
+    assert "out of reach: no grouping of these sizes scores above 0.667" in check["goal"]
+    by_superclass = _semantic_checks([0] * 4 + [1] * 4, parents)["semantic_groups"]  # 2 groups: reachable, met
+    assert by_superclass["ok"] is True and not by_superclass.get("out_of_reach")
+    assert _semantic_checks([0, 1] * 4, parents)["semantic_groups"]["ok"] is False  # reachable, missed: counted
+
+    outlook = semantic_outlook(4, names, parents)
+    assert not outlook["reachable"] and outlook["ceiling"] == pytest.approx(0.667, abs=1e-3)
+    report_bar = _semantic(pure, parents)
+    assert outlook["bar"] == pytest.approx(report_bar["random_nmi_mean"] + 3 * report_bar["random_nmi_std"])
+    assert semantic_outlook(2, names, parents)["reachable"]
+    assert semantic_outlook(4, names, [""] * 8) is None  # nothing to check against
+
+    info = DataInfo("shards", names, parents, 100, "test", "test", [0.5] * 3, [0.2] * 3)
+    said = []
+    _warn_semantic_out_of_reach(load_config(DEMO, ["model.split=2-4-4"]), info, said.append)
+    assert len(said) == 1 and said[0].startswith("warning: model.split 2-4-4: no grouping of 8 classes into 4 "
+                                                 "balanced groups scores above NMI 0.667 against their superclasses")
+    said.clear()
+    _warn_semantic_out_of_reach(load_config(DEMO, ["model.split=2-2-2"]), info, said.append)
+    assert said == []
+
+
+def test_the_summary_says_why_an_out_of_reach_semantic_check_is_not_counted():
+    from pipelines.report import summary
+
+    parents = ["fish"] * 4 + ["aquatic_mammals"] * 4
+    metrics = _metrics(baseline=0.5, grouped=0.5, cut=0.5, tree=0.55)
+    c = _cfg("model.split=2-4-4")
+    semantic = _semantic([0, 0, 1, 1, 2, 2, 3, 3], parents)
+    checks = _checks(metrics, {"reduction": {"params": 0.5}}, {}, semantic, comparison(c, metrics))
+    r = {"config": c, "models": metrics, "reduction": {"weights": 0.6, "flops": 0.3, "params": 0.6}, "checks": checks,
+         "semantic": semantic, "subtrees": [{}] * 4, "groups": [{"classes": [0, 1]}] * 4, "data": {"classes": 8}}
+    text = summary(r)
+    assert "the semantic check is not counted: no grouping of these sizes can score above 0.667" in text
+    assert "do NOT clearly follow" not in text and "failing" not in text and "semantic_groups" not in text

@@ -45,6 +45,18 @@ def normalized_mutual_info(a: Sequence, b: Sequence) -> float:
     return mi / denom if denom > 0 else 0.0
 
 
+def _table_nmi(table: np.ndarray) -> float:
+    """:func:`normalized_mutual_info` from a contingency table (rows: groups, columns: labels)."""
+    n = table.sum()
+    p, rows, cols = table / n, table.sum(1) / n, table.sum(0) / n
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(rows, cols)[nz])).sum())
+    ha, hb = -float((rows[rows > 0] * np.log(rows[rows > 0])).sum()), -float((cols[cols > 0] * np.log(cols[cols > 0])).sum())
+    if ha == 0 and hb == 0:
+        return 1.0
+    return mi / ((ha + hb) / 2) if ha + hb > 0 else 0.0
+
+
 def _entropy(counts) -> float:
     n = sum(counts)
     return -sum(c / n * math.log(c / n) for c in counts if c)
@@ -78,11 +90,13 @@ def semantic_quality(class_to_group: Sequence[int], class_to_super: Sequence, nu
     num_groups = len(set(groups))
     rng = np.random.default_rng(seed)
     balanced = np.arange(len(groups)) * num_groups // len(groups)
+    codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)[1].ravel()
     rand_p, rand_n = [], []
-    for _ in range(num_random):
-        perm = rng.permutation(balanced).tolist()
-        rand_p.append(purity(perm, labels))
-        rand_n.append(normalized_mutual_info(perm, labels))
+    for _ in range(num_random):  # numpy contingency tables: 200 draws over 21,841 classes in a fraction of a second
+        table = np.bincount(rng.permutation(balanced) * (codes.max() + 1) + codes,
+                            minlength=num_groups * (codes.max() + 1)).reshape(num_groups, -1)
+        rand_p.append(table.max(1).sum() / len(groups))
+        rand_n.append(_table_nmi(table))
     return {
         "purity": purity(groups, labels),
         "nmi": normalized_mutual_info(groups, labels),

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from splitnet.datasets import CIFAR100_COARSE, ImageArrays, iterate_batches, load_cifar100  # noqa: E402
 from splitnet.grouping import (MIN_GROUP_SHARE, Grouping, classifier_class_groups,  # noqa: E402
                                init_class_assignment_, off_block_energy)
-from splitnet.metrics import nmi_ceiling, semantic_quality  # noqa: E402
+from splitnet.metrics import balanced_groups, nmi_ceiling, semantic_quality  # noqa: E402
 from splitnet.assignment import SplitConfig  # noqa: E402
 from splitnet.models import CLASSES  # noqa: E402
 from splitnet.precision import choose_precision  # noqa: E402
@@ -87,7 +87,7 @@ def semantic_reach(cell: dict, seed: int = 0) -> tuple[float, bool]:
     if ceiling is None:
         parents = [CIFAR100_COARSE[c] for c in subset_classes(cell["subset"], seed)]
         groups = SplitConfig.parse(cell["split"]).num_groups
-        ceiling = nmi_ceiling(list(Counter(i * groups // len(parents) for i in range(len(parents))).values()), parents)
+        ceiling = nmi_ceiling(list(Counter(balanced_groups(len(parents), groups)).values()), parents)
     return ceiling, ceiling <= cell["random_nmi_mean"] + 3 * cell["random_nmi_std"]
 
 

@@ -18,7 +18,7 @@ from splitnet import build_model
 from splitnet.accounting import model_cost
 from splitnet.artifacts import hard_assignment, read_manifest
 from splitnet.grouping import MIN_GROUP_SHARE
-from splitnet.metrics import semantic_quality
+from splitnet.metrics import balanced_groups, semantic_quality
 from splitnet.models import CLASSES
 from splitnet.plots import plot_assignment, plot_group_semantics, plot_split_layers, plot_tree
 from splitnet.tree import smallest_group_share
@@ -64,7 +64,7 @@ def semantic_outlook(num_groups: int, class_names: list[str], parents: list[str]
         labels, reference = [p for p in parents or [] if p], "superclasses"
     if len(set(labels)) < 2 or num_groups > len(labels):
         return None
-    sq = semantic_quality([i * num_groups // len(labels) for i in range(len(labels))], labels)  # balanced
+    sq = semantic_quality(balanced_groups(len(labels), num_groups), labels)
     bar = sq["random_nmi_mean"] + NMI_SD * sq["random_nmi_std"]
     return {"reference": reference, "classes": len(labels), "groups": num_groups, "bar": bar,
             "ceiling": sq["nmi_ceiling"], "reachable": sq["nmi_ceiling"] > bar}
@@ -282,8 +282,7 @@ def summary(r: dict) -> str:
         if sem.get("out_of_reach"):
             parts.append(f"The class groups score {numbers} against the {labelling}; the semantic check is not counted: "
                          f"no grouping of these sizes can score above {sem['ceiling']:.3f}, and its bar is "
-                         f"{ref['random_nmi_mean'] + NMI_SD * ref['random_nmi_std']:.3f} (too few classes per "
-                         f"{labelling[:-1]} for this many groups).")
+                         f"{ref['random_nmi_mean'] + NMI_SD * ref['random_nmi_std']:.3f}.")
         else:
             parts.append(f"The class groups {'follow' if sem['ok'] else 'do NOT clearly follow'} the {labelling}: "
                          f"{numbers}.")

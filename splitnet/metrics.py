@@ -62,6 +62,11 @@ def _entropy(counts) -> float:
     return -sum(c / n * math.log(c / n) for c in counts if c)
 
 
+def balanced_groups(num_items: int, num_groups: int) -> list[int]:
+    """A balanced item -> group map (the sizes random balanced groups and the ceiling's sizes are drawn with)."""
+    return [i * num_groups // num_items for i in range(num_items)]
+
+
 def nmi_ceiling(group_sizes: Sequence[int], labels: Sequence) -> float:
     """The most NMI any grouping with these group sizes can score against ``labels``.
 
@@ -89,7 +94,7 @@ def semantic_quality(class_to_group: Sequence[int], class_to_super: Sequence, nu
         raise ValueError(f"{len(groups)} classes in the grouping but {len(labels)} in the reference labelling")
     num_groups = len(set(groups))
     rng = np.random.default_rng(seed)
-    balanced = np.arange(len(groups)) * num_groups // len(groups)
+    balanced = np.array(balanced_groups(len(groups), num_groups))
     codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)[1].ravel()
     rand_p, rand_n = [], []
     for _ in range(num_random):  # numpy contingency tables: 200 draws over 21,841 classes in a fraction of a second
